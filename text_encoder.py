@@ -1,0 +1,264 @@
+"""The CLIP text tower that turns a prompt into Stable Diffusion's conditioning c: (B, 77, D).
+
+Stable Diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+Models", Sec. 3.3) conditions its U-Net on the *per-token* hidden states of a frozen CLIP text
+transformer (Radford et al. 2021), not on CLIP's pooled text embedding. Two towers are in use:
+
+  SD 1.x  OpenAI CLIP ViT-L/14 text tower: width 768, 12 heads, 12 blocks, QuickGELU
+          (x * sigmoid(1.702 x)); all blocks run, then the final LayerNorm; prompts are padded
+          to 77 tokens with the end token 49407 (what the SD 1.5 tokenizer does).
+  SD 2.x  OpenCLIP ViT-H/14 text tower: width 1024, 16 heads, 24 blocks, exact GELU. SD 2 takes
+          the "penultimate" layer: only the first 23 blocks run, then the final LayerNorm
+          (ldm's FrozenOpenCLIPEmbedder(layer="penultimate")). We simply *build* 23 blocks; the
+          24th is never used, so a converter drops its weights. Prompts are zero-padded.
+
+Each block is pre-norm:  x = x + attn(ln_1(x), causal mask);  x = x + mlp(ln_2(x)),  mlp = c_proj(act(c_fc)).
+The module is open_clip's own `TextTransformer` (so its parameter names are open_clip's:
+`token_embedding`, `positional_embedding`, `transformer.resblocks.N.{ln_1, attn.in_proj_weight,
+attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`), with our own forward
+that returns all token states and skips pooling. Its output equals the diffusers SD pipelines'
+prompt embeddings: transformers `CLIPTextModel(...).last_hidden_state` of the 12-layer (SD 1) or
+23-layer (SD 2) model.
+
+Left out: CLIP's pooling and `text_projection` (SD never uses them: the attribute is set to None,
+so no such weight exists), the attention mask for padding (SD pipelines pass none: the causal
+mask alone keeps real tokens blind to the padding after them), prompt weighting and prompts
+longer than 77 tokens (they are truncated, keeping the end token, as the SD tokenizers do).
+
+Tokenizer: open_clip's `SimpleTokenizer` (byte-level BPE; its vocabulary file ships inside the
+open_clip package, so this works offline). `hf_clip_to_open_clip` maps a transformers
+`CLIPTextModel` state dict onto our names; `text_config_from_hf` reads its config.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+
+SOT_TOKEN = 49406  # <start_of_text>
+EOT_TOKEN = 49407  # <end_of_text>; also SD 1.x's padding token
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408     # CLIP BPE: 2x256 byte symbols (+/- '</w>') + 48894 merges + SOT, EOT
+    context_length: int = 77    # tokens per prompt, start and end token included
+    width: int = 1024           # D, the token width the U-Net's cross-attention sees
+    heads: int = 16             # attention heads (64-dim heads in both CLIP towers)
+    layers: int = 23            # blocks BUILT AND RUN (SD 2: the first 23 of ViT-H/14's 24)
+    mlp_ratio: float = 4.0      # MLP hidden width = mlp_ratio * width
+    act: str = "gelu"           # "gelu" (OpenCLIP, SD 2) or "quick_gelu" (OpenAI CLIP, SD 1)
+    pad: str = "zero"           # padding token: "zero" (id 0, SD 2) or "eos" (id 49407, SD 1)
+
+    def __post_init__(self):
+        if self.act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"TextConfig.act must be 'gelu' or 'quick_gelu', got {self.act!r}")
+        if self.pad not in ("zero", "eos"):
+            raise ValueError(f"TextConfig.pad must be 'zero' or 'eos', got {self.pad!r}")
+        if self.width % self.heads:
+            raise ValueError(f"TextConfig: width {self.width} is not divisible by heads {self.heads}")
+
+    @classmethod
+    def sd15(cls) -> "TextConfig":
+        """OpenAI CLIP ViT-L/14 text tower, as SD 1.x uses it."""
+        return cls(width=768, heads=12, layers=12, act="quick_gelu", pad="eos")
+
+    @classmethod
+    def sd21(cls) -> "TextConfig":
+        """OpenCLIP ViT-H/14 text tower, first 23 of 24 blocks ("penultimate"), as SD 2.x uses it."""
+        return cls(width=1024, heads=16, layers=23, act="gelu", pad="zero")
+
+    @classmethod
+    def tiny(cls, mode: str = "sd2") -> "TextConfig":
+        """Tests and the CPU demo: width 64 (= UNetConfig.tiny().context_dim), 4 heads, 2 blocks."""
+        if mode not in ("sd2", "sd1"):
+            raise ValueError(f"TextConfig.tiny: mode must be 'sd2' or 'sd1', got {mode!r}")
+        if mode == "sd1":
+            return cls(width=64, heads=4, layers=2, act="quick_gelu", pad="eos")
+        return cls(width=64, heads=4, layers=2, act="gelu", pad="zero")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _bpe() -> SimpleTokenizer:
+    return SimpleTokenizer()  # reads open_clip's bundled bpe_simple_vocab_16e6.txt.gz
+
+
+def tokenize(prompts: str | list[str], context_length: int = 77, pad: str = "zero") -> torch.Tensor:
+    """Prompts -> LongTensor (B, context_length): [SOT, BPE tokens..., EOT, pad, pad, ...].
+
+    A prompt longer than the context is cut to context_length tokens with EOT kept as the last
+    one (open_clip and the SD tokenizers agree on this). `pad` is "zero" (SD 2) or "eos" (SD 1).
+    One known difference: diffusers' SD 2 tokenizer registers its pad token "!" as a special token,
+    so it turns every "!" in a prompt into id 0; open_clip (ldm, which trained SD 2) and we encode
+    it as "!</w>" (id 256).
+    """
+    if pad not in ("zero", "eos"):
+        raise ValueError(f"tokenize: pad must be 'zero' or 'eos', got {pad!r}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    bpe = _bpe()
+    pad_id = 0 if pad == "zero" else EOT_TOKEN
+    tokens = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"tokenize: prompt {i} is a {type(prompt).__name__}, expected a str")
+        ids = [SOT_TOKEN] + bpe.encode(prompt) + [EOT_TOKEN]
+        if len(ids) > context_length:
+            ids = ids[: context_length - 1] + [EOT_TOKEN]  # truncate, keep the end token
+        tokens[i, : len(ids)] = torch.tensor(ids)
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The text tower
+# ---------------------------------------------------------------------------------------------
+class TextEncoder(TextTransformer):
+    """open_clip's TextTransformer, returning every token's final-LayerNorm state (SD's context)."""
+
+    def __init__(self, cfg: TextConfig):
+        # output_dim only sizes CLIP's text_projection, which SD does not use; it is removed below
+        # (passing width keeps the constructor valid on every open_clip version).
+        super().__init__(
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            width=cfg.width,
+            heads=cfg.heads,
+            layers=cfg.layers,
+            mlp_ratio=cfg.mlp_ratio,
+            output_dim=cfg.width,
+            act_layer=QuickGELU if cfg.act == "quick_gelu" else nn.GELU,
+            norm_layer=LayerNorm,  # nn.LayerNorm, eps 1e-5 (both CLIPs), result cast to input dtype
+        )
+        self.text_projection = None  # pooled-embedding head: not part of SD
+        self.cfg = cfg
+
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+        """Prompts -> (B, 77) token ids, padded as this tower's SD version expects."""
+        return tokenize(prompts, self.cfg.context_length, self.cfg.pad).to(self.positional_embedding.device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim != 2 or tokens.shape[1] > self.cfg.context_length:
+            raise ValueError(
+                f"TextEncoder: expected token ids of shape (B, L<={self.cfg.context_length}), got "
+                f"{tuple(tokens.shape)}; make them with TextEncoder.tokenize(prompts)")
+        L = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B,L) -> (B,L,D)
+        # open_clip 2.24 runs its blocks sequence-first (L,B,D); newer versions batch-first.
+        batch_first = getattr(self.transformer, "batch_first", False)
+        if not batch_first:
+            x = x.transpose(0, 1)  # (B,L,D) -> (L,B,D)
+        # Causal mask: token i attends to tokens <= i (additive -inf above the diagonal).
+        x = self.transformer(x, attn_mask=self.attn_mask[:L, :L].to(x.dtype))
+        if not batch_first:
+            x = x.transpose(0, 1)  # (L,B,D) -> (B,L,D)
+        return self.ln_final(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers CLIPTextModel -> our names
+# ---------------------------------------------------------------------------------------------
+_BLOCK = r"encoder\.layers\.(\d+)\."
+_HF_RENAMES = [  # (transformers name, our open_clip name)
+    (r"embeddings\.token_embedding\.weight", r"token_embedding.weight"),
+    (r"embeddings\.position_embedding\.weight", r"positional_embedding"),  # Embedding -> Parameter, same (77, D)
+    (_BLOCK + r"layer_norm1\.(weight|bias)", r"transformer.resblocks.\1.ln_1.\2"),
+    (_BLOCK + r"self_attn\.out_proj\.(weight|bias)", r"transformer.resblocks.\1.attn.out_proj.\2"),
+    (_BLOCK + r"layer_norm2\.(weight|bias)", r"transformer.resblocks.\1.ln_2.\2"),
+    (_BLOCK + r"mlp\.fc1\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
+    (_BLOCK + r"mlp\.fc2\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
+    (r"final_layer_norm\.(weight|bias)", r"ln_final.\1"),
+]
+_HF_QKV = re.compile(_BLOCK + r"self_attn\.(q|k|v)_proj\.(weight|bias)")
+# Buffers and heads that SD does not use: position_ids (a saved arange in transformers-4 files),
+# text_projection (CLIPTextModelWithProjection's pooled head).
+_HF_IGNORED = re.compile(r"embeddings\.position_ids|text_projection\.weight")
+
+
+def hf_clip_to_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers `CLIPTextModel` state dict to our (open_clip) parameter names.
+
+    Accepts keys with the `text_model.` prefix (files written by transformers 4, e.g. the SD 1.5 /
+    2.1 repositories) or without it (transformers 5). The one real transform: nn.MultiheadAttention
+    stores q, k and v as one matrix, so `in_proj_weight = cat([q_proj.weight, k_proj.weight,
+    v_proj.weight])` (and the same for the biases). Every source key is either used or listed as
+    ignored; an unknown key or a missing q/k/v part raises.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, weight|bias) -> {q,k,v}
+
+    def put(key: str, value: torch.Tensor, source: str) -> None:
+        if key in out:
+            raise ValueError(f"hf_clip_to_open_clip: '{source}' fills '{key}' a second time "
+                             "(keys with and without the 'text_model.' prefix mixed?)")
+        out[key] = value
+
+    for source, value in state_dict.items():
+        name = source[len("text_model."):] if source.startswith("text_model.") else source
+        if _HF_IGNORED.fullmatch(name):
+            continue
+        m = _HF_QKV.fullmatch(name)
+        if m:
+            block, part, kind = m.groups()
+            parts = qkv.setdefault((block, kind), {})
+            if part in parts:
+                raise ValueError(f"hf_clip_to_open_clip: '{source}' appears twice")
+            parts[part] = value
+            continue
+        for pattern, target in _HF_RENAMES:
+            if re.fullmatch(pattern, name):
+                put(re.sub(pattern, target, name), value, source)
+                break
+        else:
+            raise ValueError(f"hf_clip_to_open_clip: unexpected key '{source}': not a transformers "
+                             "CLIPTextModel parameter (a vision or full CLIPModel checkpoint?)")
+
+    for (block, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"hf_clip_to_open_clip: block {block} has only {sorted(parts)} of q/k/v "
+                             f"{kind}; the state dict is incomplete")
+        # nn.MultiheadAttention splits in_proj into q, k, v in this order.
+        put(f"transformer.resblocks.{block}.attn.in_proj_{kind}",
+            torch.cat([parts["q"], parts["k"], parts["v"]], dim=0), f"block {block} q/k/v")
+    return out
+
+
+def text_config_from_hf(hf_config, mode: str = "sd2") -> TextConfig:
+    """A transformers CLIPTextConfig (object or its config.json dict) -> TextConfig.
+
+    `mode` ("sd2" or "sd1") picks the padding, which the weights cannot tell; the activation is
+    read from `hidden_act`. Missing keys take transformers' CLIPTextConfig defaults.
+    """
+    if mode not in ("sd2", "sd1"):
+        raise ValueError(f"text_config_from_hf: mode must be 'sd2' or 'sd1', got {mode!r}")
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    width = d.get("hidden_size", 512)
+    hidden = d.get("intermediate_size", 2048)
+    act = d.get("hidden_act", "quick_gelu")
+    if act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"text_config_from_hf: hidden_act {act!r} is not a CLIP text activation "
+                         "(expected 'gelu' or 'quick_gelu')")
+    if d.get("layer_norm_eps", 1e-5) != 1e-5:
+        raise ValueError(f"text_config_from_hf: layer_norm_eps {d['layer_norm_eps']} != 1e-5, "
+                         "which is what both CLIP text towers (and this module) use")
+    if hidden % width:
+        raise ValueError(f"text_config_from_hf: intermediate_size {hidden} is not a multiple of "
+                         f"hidden_size {width}")
+    return TextConfig(
+        vocab_size=d.get("vocab_size", 49408),
+        context_length=d.get("max_position_embeddings", 77),
+        width=width,
+        heads=d.get("num_attention_heads", 8),
+        layers=d.get("num_hidden_layers", 12),
+        mlp_ratio=hidden / width,
+        act=act,
+        pad="zero" if mode == "sd2" else "eos",
+    )
