@@ -1,0 +1,353 @@
+"""Labelled image folders -> (image, fixed-format prompt) examples, and the built-in `digits` demo dataset.
+
+The CLUE paper (arXiv 2511.10993) fine-tunes Stable Diffusion on a *small* labelled medical dataset
+whose prompts all follow one fixed format, "an otoscopic image of {diagnosis}". This file gives the
+same setting for any folder of images:
+
+    my_data/                       ClassFolderDataset("my_data", "an otoscopic image of {class}")
+        acute_otitis_media/*.png   -> class "acute otitis media", label 0
+        normal/*.jpg               -> class "normal", label 1
+
+Every item is a dict `image` (3,H,W) float32 in [-1, 1] (what the VAE encoder takes), `prompt`,
+`label` (int) and `path` (str); torch's default collate batches it (image -> (B,3,H,W), prompt -> list).
+
+Decisions, so that nothing happens silently:
+- Classes and files are sorted, so labels and order are the same on every machine. Files are found
+  recursively inside each class folder; names starting with "." are ignored.
+- Checking files: at construction every file is opened with Pillow and `verify()`-ed (reads the
+  header and, for PNG, every chunk's checksum: cheap, no pixel decoding). `full_check=True` decodes
+  every image instead (slower, also catches truncated JPEGs). Unreadable or non-image files are
+  skipped with one warning line each and a count at the end (logger "data").
+- Colour: everything becomes RGB. RGBA / LA / palette images with transparency are composited on a
+  WHITE background (transparent pixels become white, the way an image viewer shows them). 16-bit
+  images ("I;16", "I") are scaled by 1/65535, not clipped to 255 as Pillow's own convert() does;
+  32-bit float images ("F") are taken to be in [0, 1]. EXIF orientation is applied.
+- Geometry: the shorter side is resized to `size` (bicubic, antialiased), then a centre crop
+  (or a random crop with random_crop=True) gives size x size. Horizontal flips are off by default
+  (they change the meaning of digits and of left/right anatomy).
+
+The demo dataset `digits` is scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1,797
+real 8x8 scans of digits written by 43 people, values 0..16, shipped inside the scikit-learn package,
+so it works offline). `materialize_digits()` writes it once as a class-folder dataset at 32x32,
+with a seeded stratified train/test split recorded in `split.json`. `resolve_data("digits")` is what
+`train.py --data digits` calls. Left out: any download of other datasets (nothing here reaches one).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+log = logging.getLogger("data")
+
+DEFAULT_PROMPT = "an otoscopic image of {class}"  # the paper's fixed prompt format
+DIGITS_PROMPT = "a handwritten digit {class}"      # the demo dataset's prompt format
+DIGITS_SIZE = 32                                  # demo images are 32x32 -> 8x8x4 latents with the tiny VAE
+DIGITS_FORMAT_VERSION = 1                         # bump when the way digits are written changes
+DIGITS_ARGS = ("digits", "digits:train", "digits:test")  # --data values that mean the demo dataset
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit RGB (see the module docstring for the rules)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit (or float) grayscale: scale to 8 bit ourselves; Image.convert("L") would clip at 255.
+        full_scale = 1.0 if img.mode == "F" else 65535.0
+        a = np.clip(np.asarray(img, dtype=np.float64) / full_scale, 0.0, 1.0)
+        img = Image.fromarray(np.round(a * 255.0).astype(np.uint8), mode="L")
+    if img.mode == "P":  # palette: keep its transparency, if any, as an alpha channel
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, size: int, random_crop: bool = False, flip: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Read one image file -> (3, size, size) float32 tensor in [-1, 1].
+
+    Resize the shorter side to `size` (bicubic), crop size x size (centre, or random), and flip
+    horizontally with probability 1/2 when `flip`. Randomness comes from torch's generator
+    (so DataLoader workers, which torch seeds, give different crops).
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if random_crop:
+        left = int(torch.randint(0, new_w - size + 1, (1,), generator=generator))
+        top = int(torch.randint(0, new_h - size + 1, (1,), generator=generator))
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    if flip and float(torch.rand((), generator=generator)) < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    x = x.permute(2, 0, 1).float() / 127.5 - 1.0  # (H,W,3) uint8 -> (3,H,W) in [-1, 1]
+    return x
+
+
+def _check_image(path: Path, full_check: bool) -> str | None:
+    """None if Pillow can read `path` as an image, else a short reason."""
+    try:
+        with Image.open(path) as img:
+            if full_check:
+                img.load()
+            else:
+                img.verify()
+    except UnidentifiedImageError:
+        return "not an image format Pillow can read"
+    except Exception as e:  # broken files raise many types (OSError, SyntaxError, ValueError...)
+        return f"{type(e).__name__}: {e}".strip()
+    return None
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+class ClassFolderDataset(Dataset):
+    """A folder with one subfolder per class -> dict(image, prompt, label, path) items.
+
+    Args:
+        root: the folder; each subfolder is a class, the class name is the folder name with "_" -> " ".
+        prompt_template: fixed-format prompt with a "{class}" placeholder.
+        size: output images are size x size.
+        random_crop, flip: augmentations (off by default).
+        limit_per_class: keep at most this many images per class, a seeded random subset (the paper's
+            limited-data regime, e.g. 50 digits per class).
+        seed: seed of that subset.
+        full_check: decode every image at construction instead of Pillow's cheap verify().
+
+    Attributes: class_names, class_counts, prompts (one per class, in label order), samples (list of
+    (path, label)), labels, skipped (list of (path, reason)).
+    """
+
+    def __init__(self, root: str | os.PathLike, prompt_template: str = DEFAULT_PROMPT, size: int = 512,
+                 random_crop: bool = False, flip: bool = False, limit_per_class: int | None = None,
+                 seed: int = 0, full_check: bool = False):
+        self.root = Path(root).expanduser()
+        if "{class}" not in prompt_template:
+            raise ValueError(f"prompt template {prompt_template!r} has no '{{class}}' placeholder; "
+                             "write e.g. 'an otoscopic image of {class}'")
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        if limit_per_class is not None and limit_per_class < 1:
+            raise ValueError(f"limit_per_class must be >= 1 or None, got {limit_per_class}")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder {self.root} does not exist or is not a folder")
+        self.prompt_template, self.size = prompt_template, size
+        self.random_crop, self.flip = random_crop, flip
+
+        entries = sorted(p for p in self.root.iterdir() if _visible(p.name))
+        class_dirs = [p for p in entries if p.is_dir()]
+        loose = [p for p in entries if p.is_file()]
+        if not class_dirs:
+            raise ValueError(f"{self.root} has no class subfolders ({len(loose)} files directly inside it); "
+                             f"put the images in one subfolder per class, e.g. {self.root}/normal/0001.png")
+        if loose:
+            log.warning(f"ignoring {len(loose)} files directly in {self.root} (not in a class subfolder)")
+
+        self.class_names = [d.name.replace("_", " ") for d in class_dirs]
+        if len(set(self.class_names)) < len(self.class_names):
+            raise ValueError(f"{self.root}: class folders {[d.name for d in class_dirs]} give the same class name "
+                             "twice ('_' reads as a space); rename or merge them")
+        self.prompts = [prompt_template.replace("{class}", name) for name in self.class_names]
+        self.samples: list[tuple[str, int]] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.class_counts: list[int] = []
+        n_files = 0
+        for label, d in enumerate(class_dirs):
+            good = []
+            for path in self._files_under(d):
+                n_files += 1
+                reason = _check_image(path, full_check)
+                if reason is None:
+                    good.append(path)
+                else:
+                    self.skipped.append((str(path), reason))
+                    log.warning(f"skipping {path}: {reason}")
+            if not good:
+                raise ValueError(f"class folder {d} contains no readable images; add images to it or remove it")
+            if limit_per_class is not None and len(good) > limit_per_class:
+                # a seeded subset, independent of the other classes; sorted again for a stable order
+                rng = random.Random(f"{seed}/{d.name}")
+                good = sorted(rng.sample(good, limit_per_class))
+            self.samples += [(str(p), label) for p in good]
+            self.class_counts.append(len(good))
+        if self.skipped:
+            log.warning(f"skipped {len(self.skipped)} of {n_files} files under {self.root} "
+                        "that are not readable images")
+        self.labels = [label for _, label in self.samples]
+
+    @staticmethod
+    def _files_under(folder: Path) -> list[Path]:
+        """Every visible file under `folder`, recursively, in sorted order."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(n for n in dirnames if _visible(n))  # prune hidden folders, fix walk order
+            found += [Path(dirpath) / n for n in sorted(filenames) if _visible(n)]
+        return found
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        path, label = self.samples[i]
+        try:
+            image = load_image(path, self.size, self.random_crop, self.flip)
+        except Exception as e:  # passed verify() at construction but fails to decode (e.g. truncated JPEG)
+            raise OSError(f"cannot decode {path} ({type(e).__name__}: {e}); remove the file or build the "
+                          "dataset with full_check=True to skip such files") from e
+        return {"image": image, "prompt": self.prompts[label], "label": label, "path": path}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The built-in demo dataset: scikit-learn's handwritten digits
+# ----------------------------------------------------------------------------------------------------
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $CLUE_CACHE, else ~/.cache/clue."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("CLUE_CACHE") or Path.home() / ".cache" / "clue"
+    return Path(cache_dir).expanduser()
+
+
+def _digits_split(target: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:
+    """Stratified split: in each class, a seeded permutation; the first round(test_fraction * n) go to test.
+
+    Returns a boolean mask, True = test.
+    """
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(target), dtype=bool)
+    for c in np.unique(target):  # sorted classes, so the rng is consumed in a fixed order
+        idx = np.flatnonzero(target == c)
+        n_test = int(round(test_fraction * len(idx)))
+        is_test[rng.permutation(idx)[:n_test]] = True
+    return is_test
+
+
+def _digit_image(pixels_0_16: np.ndarray) -> Image.Image:
+    """One 8x8 load_digits scan (0 = paper, 16 = ink) -> 32x32 grayscale image, DARK ink on WHITE paper.
+
+    The inversion matches how scikit-learn displays the digits (cmap gray_r). Bilinear upsampling
+    (no overshoot, so no ringing around the strokes).
+    """
+    ink = np.round(255.0 - pixels_0_16 * (255.0 / 16.0)).astype(np.uint8)
+    return Image.fromarray(ink, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BILINEAR)
+
+
+def _digits_is_current(folder: Path, seed: int, test_fraction: float) -> bool:
+    try:
+        meta = json.loads((folder / "split.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if (meta.get("format_version"), meta.get("seed"), meta.get("test_fraction")) != \
+            (DIGITS_FORMAT_VERSION, seed, test_fraction):
+        return False
+    return all((folder / f).is_file() for split in ("train", "test") for f in meta["files"][split])
+
+
+def materialize_digits(cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                       test_fraction: float = 0.2) -> Path:
+    """Write scikit-learn's digits once as `<cache>/digits/{train,test}/<class>/<index>.png` + split.json.
+
+    <index> is the image's row in `load_digits()`, so every file can be traced back. The split is
+    stratified (each class split test_fraction / rest with a seeded permutation). Idempotent: when
+    split.json exists with the same seed, fraction and format version and all its files are there,
+    nothing is written. Safe against concurrent callers (e.g. several torchrun ranks): the folder
+    is built under a temporary name and renamed into place; split.json is its last file.
+    Returns `<cache>/digits`.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    root = cache_root(cache_dir)
+    folder = root / "digits"
+    if _digits_is_current(folder, seed, test_fraction):
+        return folder
+
+    from sklearn.datasets import load_digits  # imported here: only the demo needs scikit-learn
+
+    digits = load_digits()
+    images, target = digits.images, digits.target  # (1797, 8, 8) floats in 0..16, (1797,) ints
+    is_test = _digits_split(target, seed, test_fraction)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
+    try:
+        files: dict[str, list[str]] = {"train": [], "test": []}
+        for i in range(len(target)):
+            split = "test" if is_test[i] else "train"
+            rel = f"{split}/{target[i]}/{i:04d}.png"
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _digit_image(images[i]).save(tmp / rel)
+            files[split].append(rel)
+        classes = [str(c) for c in sorted(set(target.tolist()))]
+        meta = {
+            "dataset": "sklearn.datasets.load_digits",
+            "format_version": DIGITS_FORMAT_VERSION,
+            "n_images": int(len(target)),
+            "seed": seed,
+            "test_fraction": test_fraction,
+            "stratified": True,
+            "size": DIGITS_SIZE,
+            "appearance": "dark ink on white, 8x8 -> 32x32 bilinear, 8-bit grayscale PNG",
+            "prompt_template": DIGITS_PROMPT,
+            "counts": {split: {c: int(((target == int(c)) & (is_test == (split == "test"))).sum())
+                               for c in classes} for split in ("train", "test")},
+            "files": files,
+        }
+        (tmp / "split.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():  # stale (other seed, older format, files missing): replace it
+            log.warning(f"rebuilding {folder} (its split.json does not match seed={seed}, "
+                        f"test_fraction={test_fraction}, format {DIGITS_FORMAT_VERSION})")
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not _digits_is_current(folder, seed, test_fraction):  # not a concurrent writer's copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_data(arg: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A `--data` argument -> a class folder.
+
+    "digits" or "digits:train" -> the materialised demo train folder; "digits:test" -> its test folder;
+    anything else is a path that must be an existing folder (write "./digits" for a local folder
+    that happens to be called digits).
+    """
+    s = str(arg)
+    if s in DIGITS_ARGS:
+        split = "test" if s.endswith(":test") else "train"
+        return materialize_digits(cache_dir) / split
+    path = Path(s).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {s}: no such folder; pass a folder with one subfolder of images "
+                                "per class, or 'digits' / 'digits:test' for the built-in demo dataset")
+    return path
+
+
+def default_prompt_template(arg: str | os.PathLike) -> str:
+    """The prompt template that goes with a `--data` argument: the digits one for the demo, else the paper's."""
+    return DIGITS_PROMPT if str(arg) in DIGITS_ARGS else DEFAULT_PROMPT
