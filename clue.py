@@ -1,0 +1,541 @@
+"""CLUE: Stable Diffusion with a KL-regularised Style Encoder and a second (style) cross-attention.
+
+Park et al., "CLUE: Controllable Latent space of Unprompted Embeddings for Diversity Management in
+Text-to-Image Synthesis", arXiv 2511.10993 (2025), read as in ../shared/DESIGN.md ("CLUE as this
+project implements it"). This file composes the parts (vae.py, text_encoder.py, unet.py,
+style_encoder.py, schedulers.py) into one model with three jobs:
+
+1. `loss`: the training objective
+       L = E_{z0, c, eps, t} || target - f(z_t, t, c, s) ||^2        DDPM "simple" loss (Ho et al. 2020, eq. 14)
+         + beta * KL(q(s|z0,c) || N(0, I))                          beta-VAE term (Higgins et al. 2017)
+     or  + gamma * | KL(q(s|z0,c) || N(0, I)) - C |                 capacity objective (Burgess et al. 2018, eq. 8)
+   with z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps, target eps or v (Salimans & Ho 2022),
+   s = mu + sigma * eps_s (reparameterisation), the KL of a diagonal Gaussian
+       KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)   per dimension,
+   both terms as *means* (per latent element, per style dimension), optional min-SNR-gamma weights
+   (Hang et al. 2023), and condition dropout for classifier-free guidance (Ho & Salimans 2022).
+2. `generate`: DDIM (Song et al. 2021, eq. 12) with classifier-free guidance
+       eps_hat = eps(z_t, c_neg, s) + w * (eps(z_t, c, s) - eps(z_t, c_neg, s))
+   in ONE batched U-Net call per step; the style s comes from the prior N(0, tau^2 I) ("unprompted
+   embeddings"), from the aggregated posterior of a class, from a reference image, or is given.
+   Choice made here: BOTH halves of the guidance batch get the same style, so guidance acts on the
+   text only and the style is never amplified by w; training matches it (text dropout keeps the style,
+   style dropout is drawn independently of text dropout).
+3. Diagnostics of the style latent (KL per dimension, active units (Burda et al. 2016), distance of the
+   aggregated posterior from N(0, I), held-out denoising loss with four kinds of style) and save/load.
+
+Left out: img2img/inpainting, other samplers than DDIM, guidance rescale, LoRA. A CLUE without a style
+encoder (`style=None`) is plain Stable Diffusion: that is how sample.py does text-to-image.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from convert import (SD_SAMPLER, CheckpointError, StableDiffusion, config_from_dict, is_style_param,
+                     load_stable_diffusion, save_stable_diffusion)
+from schedulers import DDIMSampler, NoiseSchedule
+from style_encoder import StyleConfig, StyleEncoder
+from text_encoder import TextConfig, TextEncoder
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+
+STYLE_MODES = ("prior", "posterior", "posterior_sample", "reference")
+
+
+@dataclass
+class CLUEConfig:
+    prediction_type: str = "epsilon"       # "epsilon" or "v_prediction": the U-Net's output (= the schedule's)
+    scale_factor: float = 0.18215          # VAE latents are multiplied by this (SD's 0.18215; a tiny VAE gets 1/std)
+    image_size: int = 512                  # default generation height/width in pixels (SD 2.1-v: 768, tiny: 32)
+    sample_latents: bool = True            # training: z0 drawn from the VAE posterior (True) or its mean (False)
+    kl_mode: str = "beta"                  # "beta": beta * KL; "capacity": gamma * |KL - C| (Burgess et al. 2018)
+    beta: float = 1e-2                     # weight of the mean-per-dimension KL in "beta" mode
+    beta_warmup_steps: int = 0             # beta ramps linearly from 0 to beta over these steps (0: no warm-up)
+    gamma: float = 1.0                     # weight of |KL - C| in "capacity" mode
+    capacity: float = 0.05                 # target KL C in nats per style dimension ("capacity" mode)
+    capacity_ramp_steps: int = 1000        # C ramps linearly from 0 to `capacity` over these steps
+    min_snr_gamma: float | None = None     # min-SNR-gamma loss weights (Hang et al. 2023; 5.0 is theirs); None: off
+    text_dropout: float = 0.1              # probability that a training prompt is replaced by "" (for CFG)
+    style_dropout: float = 0.1             # probability that the style branch is skipped for a training sample
+
+    @classmethod
+    def tiny(cls, **kw) -> "CLUEConfig":
+        """The demo preset: 32 px images, latents from the VAE mean (a tiny VAE is nearly deterministic)."""
+        return cls(**{"image_size": 32, "sample_latents": False, **kw})
+
+
+def slerp(s0: torch.Tensor, s1: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation between two styles (per sample, over all K*D numbers): stays on the shell where
+    Gaussian draws live, where plain lerp would shrink the norm halfway (Shoemake 1985; White 2016)."""
+    a, b = s0.flatten(1).double(), s1.flatten(1).double()
+    cos = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True).clamp(-1, 1)
+    omega = torch.acos(cos)
+    so = torch.sin(omega)
+    near = so.abs() < 1e-6  # (almost) parallel: lerp is exact enough
+    w0 = torch.where(near, 1 - alpha + 0 * so, torch.sin((1 - alpha) * omega) / so.where(~near, 1.0))
+    w1 = torch.where(near, alpha + 0 * so, torch.sin(alpha * omega) / so.where(~near, 1.0))
+    return (w0 * a + w1 * b).view_as(s0).to(s0.dtype)
+
+
+def _randn(shape, generator, device, dtype=torch.float32):
+    """Noise drawn on the CPU (with an optional CPU generator), then moved: the same seed gives the same
+    numbers on every device, as diffusers' randn_tensor does for a CPU generator."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
+
+def _load_module(module: nn.Module, tensors: dict, prefix: str, path) -> None:
+    """Fill `module` from the `prefix.*` tensors; list missing / unexpected / wrongly shaped keys in the error."""
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = [f"{prefix}{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"{path}: the {prefix}* weights do not fit the model its config.json describes "
+                              f"(a different model, or a corrupted checkpoint). missing {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}; unexpected {unexpected[:8]}"
+                              f"{'...' if len(unexpected) > 8 else ''}; shape mismatches {bad[:8]}")
+    module.load_state_dict(sd)
+
+
+class CLUE(nn.Module):
+    def __init__(self, vae: VAE, text_encoder: TextEncoder, unet: UNet, style_encoder: StyleEncoder | None,
+                 schedule: NoiseSchedule, cfg: CLUEConfig, sampler_config: dict | None = None):
+        super().__init__()
+        if cfg.prediction_type != schedule.prediction_type:
+            raise ValueError(f"CLUEConfig.prediction_type={cfg.prediction_type!r} but the schedule predicts "
+                             f"{schedule.prediction_type!r}: make them agree")
+        if style_encoder is not None and not unet.cfg.style:
+            raise ValueError("a style encoder needs a U-Net built with UNetConfig(style=True)")
+        if style_encoder is None and unet.cfg.style:
+            raise ValueError("no style encoder but the U-Net has style layers: build it with UNetConfig(style=False) "
+                             "(the vanilla baseline has no style parameters); CLUE.from_stable_diffusion does this")
+        self.vae, self.text_encoder, self.unet, self.style_encoder = vae, text_encoder, unet, style_encoder
+        self.schedule, self.cfg = schedule, cfg
+        self.sampler_config = dict(sampler_config or SD_SAMPLER)  # DDIM steps_offset, set_alpha_to_one
+        # the aggregated posterior, per class (fit_style_posterior): {name: {"prompt", "mean", "var", "mus"}}
+        self.style_posterior: dict[str, dict] = {}
+        self.last_diagnostics: dict | None = None  # the latest diagnostics(), saved with the checkpoint
+        self.train_config: dict | None = None       # what save(extra=...) stored, e.g. the training settings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_stable_diffusion(cls, sd, style_cfg: StyleConfig | None = None, clue_cfg: CLUEConfig | None = None):
+        """CLUE on top of converted SD weights (convert.load_stable_diffusion). The U-Net is rebuilt with or
+        without the style layers as needed; the new `attn_style.to_out.0` is zero, so before training the
+        model's outputs are bit-identical to plain SD. `style_cfg=None` (or tokens=0): the vanilla baseline."""
+        use_style = style_cfg is not None and style_cfg.tokens > 0
+        unet = sd.unet
+        if unet.cfg.style != use_style:
+            unet = UNet(replace(sd.unet.cfg, style=use_style)).to(next(sd.unet.parameters()).device)
+            missing, unexpected = unet.load_state_dict(sd.unet.state_dict(), strict=False)
+            odd = [k for k in missing + unexpected if not is_style_param(k)]
+            if odd:
+                raise RuntimeError(f"rebuilding the U-Net with style={use_style} left non-style keys {odd[:8]}")
+        if use_style and (style_cfg.context_dim != unet.cfg.context_dim
+                          or style_cfg.latent_channels != unet.cfg.in_channels):
+            raise ValueError(f"StyleConfig(context_dim={style_cfg.context_dim}, latent_channels="
+                             f"{style_cfg.latent_channels}) must match the U-Net (context_dim={unet.cfg.context_dim}, "
+                             f"in_channels={unet.cfg.in_channels})")
+        image_size = getattr(sd, "image_size", None) or (768 if sd.prediction_type == "v_prediction" else 512)
+        clue_cfg = replace(clue_cfg or CLUEConfig(), prediction_type=sd.prediction_type,
+                           scale_factor=float(sd.scale_factor), **({} if clue_cfg else {"image_size": image_size}))
+        style = StyleEncoder(style_cfg).to(next(unet.parameters()).device) if use_style else None
+        return cls(sd.vae, sd.text_encoder, unet, style, sd.schedule, clue_cfg, sd.sampler_config)
+
+    @classmethod
+    def from_config(cls, unet: UNetConfig | None = None, vae: VAEConfig | None = None, text: TextConfig | None = None,
+                    style: StyleConfig | str | None = "tiny", clue: CLUEConfig | None = None,
+                    schedule: dict | None = None):
+        """A model from scratch (random weights); the defaults are the tiny demo preset (UNetConfig.tiny(), ...,
+        style "tiny" = StyleConfig.tiny()). `style=None` or tokens=0: the vanilla baseline. `schedule`:
+        NoiseSchedule arguments (default SD's scaled-linear 1000 steps); its prediction type is `clue`'s."""
+        unet, vae, text = unet or UNetConfig.tiny(), vae or VAEConfig.tiny(), text or TextConfig.tiny()
+        clue = clue or CLUEConfig.tiny(scale_factor=vae.scale_factor)
+        if isinstance(style, str):
+            style = StyleConfig.tiny() if style == "tiny" else None
+        use_style = style is not None and style.tokens > 0
+        sched = NoiseSchedule(**{**(schedule or {}), "prediction_type": clue.prediction_type})
+        return cls(VAE(vae), TextEncoder(text), UNet(replace(unet, style=use_style)),
+                   StyleEncoder(style) if use_style else None, sched, clue)
+
+    # ---------------------------------------------------------------- encoders
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, sample: bool | None = None, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] (B,3,H,W) -> z0 = scale_factor * (posterior sample or mean), (B,4,H/f,W/f)."""
+        posterior = self.vae.encode(images.to(self.device))
+        sample = self.cfg.sample_latents if sample is None else sample
+        z = posterior.sample(generator=generator) if sample else posterior.mean
+        return z * self.cfg.scale_factor
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> text context c (B,77,D), the SD pipeline's prompt embeddings."""
+        return self.text_encoder(self.text_encoder.tokenize(list(prompts)).to(self.device))
+
+    def encode_style(self, z0: torch.Tensor, context: torch.Tensor):
+        """(mu, logvar) of the style posterior q(s | z0, c), each (B,K,D)."""
+        return self.style_encoder(z0, context)
+
+    # ---------------------------------------------------------------- training
+    @staticmethod
+    def unpack(batch, class_names: list[str] | None = None) -> tuple[torch.Tensor, list[str], list[str] | None]:
+        """A batch -> (images in [-1,1], prompts, class names or None). data.py batches are dicts with "image",
+        "prompt", "label" (names from `class_names`, the dataset's list); (images, prompts) tuples work too."""
+        if isinstance(batch, dict):
+            names = None
+            if "label" in batch and class_names is not None:
+                names = [class_names[int(j)] for j in batch["label"]]
+            return batch["image"], list(batch["prompt"]), names
+        return batch[0], list(batch[1]), None
+
+    def kl_weight(self, step: int) -> tuple[float, float]:
+        """(weight, capacity) at a training step: beta with linear warm-up, or gamma with C ramped linearly."""
+        c = self.cfg
+        if c.kl_mode == "beta":
+            return c.beta * (min(1.0, step / c.beta_warmup_steps) if c.beta_warmup_steps > 0 else 1.0), 0.0
+        if c.kl_mode == "capacity":
+            ramp = min(1.0, step / c.capacity_ramp_steps) if c.capacity_ramp_steps > 0 else 1.0
+            return c.gamma, c.capacity * ramp
+        raise ValueError(f"CLUEConfig.kl_mode must be 'beta' or 'capacity', got {c.kl_mode!r}")
+
+    def forward(self, batch, step: int = 0, generator: torch.Generator | None = None):
+        """= loss(): a training step goes through forward() so that torch DDP can synchronise the gradients."""
+        return self.loss(batch, step, generator)
+
+    def loss(self, batch, step: int = 0, generator: torch.Generator | None = None):
+        """One training loss. Returns (loss, logs) with logs = {loss, mse, kl (nats per style dimension), ...}.
+
+        mse  = mean_b w_b * mean_elements (target - f(z_t, t, c', s'))^2                 (DDPM simple loss)
+               w_b = min(SNR_t, gamma)/SNR_t (eps) or min(SNR_t, gamma)/(SNR_t + 1) (v)  (min-SNR, optional)
+        kl   = mean over B,K,D of 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
+        loss = mse + beta_step * kl        or        mse + gamma * |kl - C_step|
+        c' is "" with p=text_dropout; s' is skipped (style_scale 0 for that sample, exactly as style=None)
+        with p=style_dropout; the style encoder always sees the real prompt. A dict batch may carry precomputed
+        scaled latents under "latents" (the VAE is then skipped). All random draws come from `generator` (a CPU
+        generator; None: the global RNG)."""
+        images, prompts, _ = self.unpack(batch)
+        B, dev = len(prompts), self.device
+        z0 = batch["latents"].to(dev) if isinstance(batch, dict) and "latents" in batch else \
+            self.encode_images(images, generator=generator)
+        context = self.encode_prompts(prompts)
+        drop_text = torch.rand(B, generator=generator) < self.cfg.text_dropout
+        if drop_text.any():  # classifier-free guidance: the empty prompt's embedding for those samples
+            empty = self.encode_prompts([""]).expand_as(context)
+            unet_context = torch.where(drop_text.to(dev)[:, None, None], empty, context)
+        else:
+            unet_context = context
+        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator).to(dev)
+        eps = _randn(z0.shape, generator, dev, z0.dtype)
+        z_t = self.schedule.q_sample(z0, t, eps)  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps (DDPM eq. 4)
+        logs = {}
+        style, style_scale, kl = None, 1.0, torch.zeros((), device=dev)
+        if self.style_encoder is not None:
+            mu, logvar = self.encode_style(z0, context)
+            eps_s = _randn(mu.shape, generator, dev, mu.dtype)
+            style = mu + torch.exp(0.5 * logvar) * eps_s  # reparameterisation s = mu + sigma * eps
+            keep = (torch.rand(B, generator=generator) >= self.cfg.style_dropout).to(dev, z0.dtype)
+            style_scale = keep[:, None, None]  # (B,) -> (B,1,1): 0 skips the style branch for that sample
+            kl = self.style_encoder.kl(mu, logvar).mean()  # nats per style dimension
+            logs["style_kept"] = keep.mean().item()
+        pred = self.unet(z_t, t, unet_context, style=style, style_scale=style_scale)
+        target = self.schedule.target(z0, eps, t)
+        mse_b = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        if self.cfg.min_snr_gamma is not None:
+            snr = self.schedule.snr(t)  # alpha_bar / (1 - alpha_bar)
+            w = snr.clamp(max=self.cfg.min_snr_gamma)
+            w = w / (snr + 1) if self.cfg.prediction_type == "v_prediction" else w / snr
+            mse = (w * mse_b).mean()
+        else:
+            mse = mse_b.mean()
+        weight, capacity = self.kl_weight(step)
+        if self.style_encoder is None:
+            loss = mse
+        elif self.cfg.kl_mode == "beta":
+            loss = mse + weight * kl
+        else:
+            loss = mse + weight * (kl - capacity).abs()
+        logs.update(loss=loss.item(), mse=mse.item(), kl=kl.item(), kl_weight=weight, capacity=capacity,
+                    text_dropped=drop_text.float().mean().item())
+        return loss, logs
+
+    # ---------------------------------------------------------------- style sources
+    def make_style(self, mode, n: int, *, tau: float = 1.0, classes: list[str] | None = None,
+                   reference: torch.Tensor | None = None, reference_prompts: list[str] | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """n style token sets (n,K,D) from one source:
+        "prior": s ~ N(0, tau^2 I) (tau=0: the mean style, zeros); "posterior": the class's Gaussian fitted to the
+        training images' mu, s = mean + tau * std * eps; "posterior_sample": the mu of a random training image of
+        the class; "reference": mu of the encoder on reference images in [-1,1] (with reference_prompts, default
+        the generation prompts); a tensor (K,D) / (1|n,K,D): used as given; None: no style branch."""
+        if mode is None:
+            return None
+        if self.style_encoder is None:
+            raise ValueError("this model has no style branch (style tokens 0 / plain SD): use style=None")
+        K, D, dev = self.style_encoder.cfg.tokens, self.style_encoder.cfg.context_dim, self.device
+        if isinstance(mode, torch.Tensor):
+            s = mode.to(dev, torch.float32)
+            s = s[None] if s.dim() == 2 else s
+            if s.shape[1:] != (K, D) or s.shape[0] not in (1, n):
+                raise ValueError(f"a style tensor must be (K,D)=({K},{D}) or (1|{n},{K},{D}), got {tuple(mode.shape)}")
+            return s.expand(n, K, D).contiguous()
+        if mode == "prior":
+            return tau * _randn((n, K, D), generator, dev)
+        if mode in ("posterior", "posterior_sample"):
+            if not self.style_posterior:
+                raise ValueError("no style posterior in this model: run fit_style_posterior(loader) (train.py does "
+                                 "it before saving) or use style='prior'")
+            if classes is None or len(classes) != n:
+                raise ValueError(f"style={mode!r} needs classes=[one class name per image] ({n}); known: "
+                                 f"{sorted(self.style_posterior)}")
+            out = []
+            for name in classes:
+                if str(name) not in self.style_posterior:
+                    raise ValueError(f"class {name!r} not in the style posterior; known: "
+                                     f"{sorted(self.style_posterior)}")
+                p = self.style_posterior[str(name)]
+                if mode == "posterior":
+                    out.append(p["mean"] + tau * p["var"].sqrt() * _randn((K, D), generator, "cpu"))
+                else:
+                    out.append(p["mus"][torch.randint(len(p["mus"]), (1,), generator=generator).item()])
+            return torch.stack(out).to(dev, torch.float32)
+        if mode == "reference":
+            if reference is None or reference_prompts is None:
+                raise ValueError("style='reference' needs reference images (B,3,H,W) in [-1,1] and their prompts")
+            if reference.dim() == 3:
+                reference = reference[None]
+            with torch.no_grad():
+                z0 = self.encode_images(reference, sample=False)
+                mu, _ = self.encode_style(z0, self.encode_prompts(list(reference_prompts)[:len(z0)]))
+            if len(mu) not in (1, n):
+                raise ValueError(f"style='reference': {len(mu)} reference images for {n} images; give 1 or {n}")
+            return mu.float().expand(n, K, D).contiguous()
+        raise ValueError(f"style must be None, a tensor or one of {STYLE_MODES}, got {mode!r}")
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | str, negative_prompt: str | list[str] = "", steps: int = 50,
+                 guidance: float = 7.5, eta: float = 0.0, seed: int | None = None,
+                 generator: torch.Generator | None = None, height: int | None = None, width: int | None = None,
+                 style=None, tau: float = 1.0, style_scale: float = 1.0, classes: list[str] | None = None,
+                 reference: torch.Tensor | None = None, reference_prompts: list[str] | None = None,
+                 style_seed: int | None = None, latents: torch.Tensor | None = None, output: str = "image",
+                 progress: bool = True) -> torch.Tensor:
+        """Text(-and-style)-to-image with DDIM and classifier-free guidance.
+
+        prompts: one per image. style: see make_style (None, a tensor, or "prior" | "posterior" |
+        "posterior_sample" | "reference"). Random numbers: the initial latents come from `generator` (or a CPU
+        generator seeded with `seed`, or the global RNG); style draws come next from the same generator, or
+        from their own when `style_seed` is given (fixed noise, varying style). latents: initial z_T
+        (B,4,h,w), replacing the draw. guidance <= 1 runs the text branch only, as diffusers does.
+        Returns images in [0, 1] (B,3,H,W), or for output="latent" the final scaled latents (decode_latents)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        B, dev = len(prompts), self.device
+        negs = [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt)
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        height, width = height or self.cfg.image_size, width or self.cfg.image_size
+        f = 2 ** (len(self.vae.cfg.block_channels) - 1)  # VAE downsampling factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        if latents is None:  # DDIM's initial noise sigma is 1
+            latents = _randn((B, self.unet.cfg.in_channels, height // f, width // f), generator, dev)
+        x = latents.to(dev, torch.float32)
+        style_gen = torch.Generator().manual_seed(style_seed) if style_seed is not None else generator
+        s = self.make_style(style, B, tau=tau, classes=classes, reference=reference,
+                            reference_prompts=reference_prompts or prompts, generator=style_gen)
+        cfg_on = guidance > 1.0
+        c = self.encode_prompts(prompts)
+        context = torch.cat([self.encode_prompts(negs), c]) if cfg_on else c  # unconditional half first
+        style_in = (torch.cat([s, s]) if cfg_on else s) if s is not None else None  # same style in both halves
+        sampler = DDIMSampler(self.schedule, **self.sampler_config)
+        timesteps = sampler.set_timesteps(steps)
+        for t in tqdm(timesteps.tolist(), desc="DDIM", disable=not progress, leave=False):
+            x_in = torch.cat([x, x]) if cfg_on else x
+            out = self.unet(x_in, torch.full((len(x_in),), t, device=dev), context, style=style_in,
+                            style_scale=style_scale).float()
+            if cfg_on:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + guidance * (out_cond - out_uncond)  # classifier-free guidance
+            x = sampler.step(out, t, x, eta=eta, generator=generator)  # DDIM eq. 12
+        return x if output == "latent" else self.decode_latents(x)
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents z0 (B,4,h,w) -> images in [0, 1]: VAE decoder on z0 / scale_factor, then [-1,1] -> [0,1]."""
+        image = self.vae.decode(z / self.cfg.scale_factor).float()
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    # ---------------------------------------------------------------- style statistics
+    @torch.no_grad()
+    def _encode_loader(self, loader, max_batches=None):
+        """Yield (z0 from the VAE mean, prompts, class names, context, mu, logvar) per batch."""
+        dataset = getattr(loader, "dataset", None)
+        while dataset is not None and not hasattr(dataset, "class_names"):  # through torch Subset wrappers
+            dataset = getattr(dataset, "dataset", None)
+        class_names = getattr(dataset, "class_names", None)
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            images, prompts, names = self.unpack(batch, class_names)
+            names = names if names is not None else prompts  # no class names: the prompt names the class
+            z0 = self.encode_images(images, sample=False)
+            c = self.encode_prompts(prompts)
+            mu, logvar = self.encode_style(z0, c) if self.style_encoder is not None else (None, None)
+            yield z0, prompts, [str(n) for n in names], c, mu, logvar
+
+    @torch.no_grad()
+    def fit_style_posterior(self, loader, max_batches: int | None = None) -> dict:
+        """Per class: mean and diagonal variance of the encoder's mu over the images, and every image's mu.
+        Stored in the model (and its checkpoint) for style='posterior' / 'posterior_sample'."""
+        if self.style_encoder is None:
+            raise ValueError("a model without style encoder has no style posterior")
+        mus, prompt_of = {}, {}
+        for _, prompts, names, _, mu, _ in self._encode_loader(loader, max_batches):
+            for name, prompt, m in zip(names, prompts, mu.float().cpu()):
+                mus.setdefault(name, []).append(m)
+                prompt_of.setdefault(name, prompt)
+        self.style_posterior = {}
+        for name in sorted(mus):
+            m = torch.stack(mus[name])  # (N,K,D)
+            self.style_posterior[name] = {"prompt": prompt_of[name], "mean": m.mean(0),
+                                          "var": m.var(0, unbiased=False), "mus": m}
+        return self.style_posterior
+
+    @torch.no_grad()
+    def diagnostics(self, loader, max_batches: int | None = None, seed: int = 0) -> dict:
+        """Style-latent health on (held-out) data; returns a flat dict of floats (None where not applicable).
+
+        kl_per_dim: mean over data and dimensions of KL(q(s|x) || N(0,1)); active_units: dimensions j with
+        Cov_x(E[s_j|x]) > 0.01 (Burda et al. 2016); agg_kl_per_dim: KL(N(m, v) || N(0, 1)) per dimension of the
+        moment-matched aggregated posterior (m = E_x mu, v = Var_x mu + E_x sigma^2); loss_{encoder,prior,
+        aggregate,none}: held-out denoising MSE with s = mu, s ~ N(0, I), s ~ aggregated posterior (the class
+        Gaussian of fit_style_posterior, else the moment-matched one) and no style, same t and noise for all."""
+        was_training = self.training
+        self.eval()
+        # pass 1: statistics of mu and sigma^2 over the data (cheap: no U-Net)
+        n, kl_sum, mu_sum, mu_sq, var_sum = 0, 0.0, 0.0, 0.0, 0.0
+        cache = []
+        for z0, prompts, names, _, mu, logvar in self._encode_loader(loader, max_batches):
+            cache.append((z0, prompts, names, mu))
+            n += len(z0)
+            if mu is not None:
+                mu64, lv64 = mu.double(), logvar.double()
+                kl_sum = kl_sum + self.style_encoder.kl(mu, logvar).double().sum(0)
+                mu_sum, mu_sq, var_sum = mu_sum + mu64.sum(0), mu_sq + (mu64 ** 2).sum(0), var_sum + lv64.exp().sum(0)
+        out = {"n_images": n, "style_dims": None, "kl_per_dim": None, "active_units": None,
+               "agg_kl_per_dim": None, "loss_encoder": None, "loss_prior": None, "loss_aggregate": None}
+        if self.style_encoder is not None:
+            m = mu_sum / n
+            cov_mu = mu_sq / n - m ** 2  # Var_x E[s|x], per dimension
+            v = cov_mu + var_sum / n
+            out.update(style_dims=m.numel(), kl_per_dim=(kl_sum / n).mean().item(),
+                       active_units=int((cov_mu > 0.01).sum().item()),
+                       agg_kl_per_dim=(0.5 * (v + m ** 2 - 1 - v.log())).mean().item())
+        # pass 2: held-out denoising loss, four kinds of style, identical t and eps
+        gen = torch.Generator().manual_seed(seed)
+        sums = {"none": 0.0, "encoder": 0.0, "prior": 0.0, "aggregate": 0.0}
+        for z0, prompts, names, mu in cache:
+            B, dev = len(z0), self.device
+            c = self.encode_prompts(prompts)
+            t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=gen).to(dev)
+            eps = _randn(z0.shape, gen, dev)
+            z_t, target = self.schedule.q_sample(z0, t, eps), self.schedule.target(z0, eps, t)
+            styles = {"none": None}
+            if mu is not None:
+                styles["encoder"] = mu
+                styles["prior"] = _randn(mu.shape, gen, dev)
+                noise = _randn(mu.shape, gen, dev)
+                if all(k in self.style_posterior for k in names):
+                    mean = torch.stack([self.style_posterior[k]["mean"] for k in names]).to(dev)
+                    std = torch.stack([self.style_posterior[k]["var"] for k in names]).to(dev).sqrt()
+                else:
+                    mean, std = m.float().to(dev), v.float().sqrt().to(dev)
+                styles["aggregate"] = mean + std * noise
+            for k, s in styles.items():
+                pred = self.unet(z_t, t, c, style=s).float()
+                sums[k] += (pred - target).pow(2).flatten(1).mean(1).sum().item()
+        for k, total in sums.items():
+            if k == "none" or self.style_encoder is not None:
+                out[f"loss_{k}"] = total / n
+        self.train(was_training)
+        self.last_diagnostics = out
+        return out
+
+    # ---------------------------------------------------------------- save / load
+    def as_stable_diffusion(self) -> StableDiffusion:
+        """The SD parts of this model as convert.py's StableDiffusion (shares the modules, copies nothing)."""
+        return StableDiffusion(self.unet, self.vae, self.text_encoder, self.schedule, self.cfg.prediction_type,
+                               self.cfg.scale_factor, self.cfg.image_size, dict(self.sampler_config), "CLUE")
+
+    def save(self, path, extra: dict | None = None) -> None:
+        """Our format (convert.save_stable_diffusion: model.safetensors, then config.json, each atomic) with the
+        CLUE parts added: `style_encoder.*` and `style_posterior.<i>.{mean,var,mus}` tensors; "style", "clue",
+        "style_posterior" (class names, prompts, counts), "diagnostics" and "train" (`extra`, e.g. the training
+        settings) in config.json."""
+        tensors = {}
+        if self.style_encoder is not None:
+            tensors.update({f"style_encoder.{k}": v for k, v in self.style_encoder.state_dict().items()})
+        classes = list(self.style_posterior)
+        for i, name in enumerate(classes):
+            for key in ("mean", "var", "mus"):
+                tensors[f"style_posterior.{i}.{key}"] = self.style_posterior[name][key]
+        config = {
+            "style": asdict(self.style_encoder.cfg) if self.style_encoder is not None else None,
+            "clue": asdict(self.cfg),
+            "style_posterior": {"classes": classes, "prompts": [self.style_posterior[c]["prompt"] for c in classes],
+                                "counts": [len(self.style_posterior[c]["mus"]) for c in classes]},
+            "diagnostics": self.last_diagnostics, "train": extra,
+        }
+        save_stable_diffusion(self.as_stable_diffusion(), path, extra_config=config, extra_tensors=tensors)
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "CLUE":
+        """A CLUE checkpoint folder written by save(). Plain SD weights: convert.load_stable_diffusion +
+        CLUE.from_stable_diffusion (sample.py's load_model does either)."""
+        path = Path(path)
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if "clue" not in config:
+            raise CheckpointError(f"{path}: not a CLUE checkpoint (no 'clue' section in {config_file}); for plain SD "
+                                  "weights use convert.load_stable_diffusion and CLUE.from_stable_diffusion")
+        sd = load_stable_diffusion(path)  # U-Net, VAE, text encoder: audited by convert.py
+        extra, tensors = sd.extra_config, dict(sd.extra_tensors)
+        clue_cfg = config_from_dict(CLUEConfig, extra["clue"], f"{config_file} [clue]")
+        style_cfg = config_from_dict(StyleConfig, extra["style"], f"{config_file} [style]") if extra["style"] else None
+        if sd.unet.cfg.style != (style_cfg is not None):
+            raise CheckpointError(f"{config_file}: unet.style={sd.unet.cfg.style} but style="
+                                  f"{'a StyleConfig' if style_cfg else None}: the checkpoint is inconsistent")
+        if style_cfg is not None:  # the style layers must come from the file, not from their initialisation
+            with safe_open(path / "model.safetensors", "pt") as f:
+                stored = set(f.keys())
+            absent = [f"unet.{k}" for k in sd.unet.state_dict() if is_style_param(k) and f"unet.{k}" not in stored]
+            if absent:
+                raise CheckpointError(f"{path}: the U-Net's style layers are missing from model.safetensors: "
+                                      f"{absent[:6]}{' ...' if len(absent) > 6 else ''}")
+        style_encoder = StyleEncoder(style_cfg) if style_cfg is not None else None
+        if style_encoder is not None:
+            _load_module(style_encoder, tensors, "style_encoder.", path)
+        model = cls(sd.vae, sd.text_encoder, sd.unet, style_encoder, sd.schedule, clue_cfg, sd.sampler_config)
+        post = extra.get("style_posterior") or {"classes": []}
+        for i, name in enumerate(post["classes"]):
+            keys = [f"style_posterior.{i}.{k}" for k in ("mean", "var", "mus")]
+            if any(k not in tensors for k in keys):
+                raise CheckpointError(f"{path}: style posterior of class {name!r} lacks tensors {keys}")
+            mean, var, mus = (tensors[k].float() for k in keys)
+            model.style_posterior[name] = {"prompt": post["prompts"][i], "mean": mean, "var": var, "mus": mus}
+        model.last_diagnostics = extra.get("diagnostics")
+        model.train_config = extra.get("train")
+        return model.to(device).eval()

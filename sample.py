@@ -1,0 +1,327 @@
+"""Generate images: plain Stable Diffusion text-to-image, or CLUE with every style control.
+
+The sampler itself is CLUE.generate (clue.py: DDIM, Song et al. 2021, with classifier-free guidance, Ho &
+Salimans 2022, one batched U-Net call per step). This program loads a model, decides what to draw, and writes
+PNGs, a grid PNG and `run.json` (every setting, so a figure can be reproduced) into --out.
+
+Models: a CLUE checkpoint folder (train.py / CLUE.save), or any Stable Diffusion weights convert.py reads
+(a diffusers folder, a single .safetensors / .ckpt, our converted folder): plain text-to-image.
+
+Four modes:
+  prompts (default)     --prompt P (repeatable) x --num-images N each          -> out/000000.png..., grid.png
+  a synthetic dataset   --per-class N | --scale PCT (percent of --data's class counts) -> out/<class>/00000.png
+                        (class subfolders named like --data's, ready for `eval.py classify`)
+  --grid classes-x-styles  rows: classes, columns: --n-styles style draws. The initial noise is the same in
+                        every cell and column j uses the same prior draw for every class, so a row shows what
+                        style alone changes and a column shows one style across classes.
+  --grid interpolation  rows: classes, columns: slerp between the two --interpolate endpoints.
+
+Left out: img2img, inpainting, other samplers, prompt weighting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+EXAMPLES = """examples:
+  # plain text-to-image from Stable Diffusion weights (diffusers folder or single file)
+  python sample.py --model stable-diffusion-2-1-base --prompt "a photo of an astronaut riding a horse" \\
+      --negative-prompt "blurry" --steps 50 --guidance 7.5 --seed 0 --num-images 4 --dtype fp16 --out out/astronaut
+  python sample.py --model v2-1_512-ema-pruned.safetensors --prediction-type epsilon --prompt "a lighthouse"
+  # a CLUE checkpoint: 8 images of one class with prior styles at temperature 0.7
+  python sample.py --model runs/digits/final --prompt "a handwritten digit 3" --style prior --tau 0.7 --num-images 8
+  # a synthetic training set at 1000 % of the real class counts, for eval.py classify
+  python sample.py --model runs/digits/final --data digits --scale 1000 --out synth/clue_1000
+  # the figure: rows digits, columns style draws
+  python sample.py --model runs/digits/final --grid classes-x-styles --n-styles 8 --out figs/styles
+  # interpolation between the styles of two reference images, for every class
+  python sample.py --model runs/digits/final --grid interpolation --interpolate a.png b.png --n-interp 8
+"""
+
+STYLE_CHOICES = ("none", "prior", "posterior", "posterior-sample", "reference")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a CLUE checkpoint folder, or SD weights convert.py reads")
+    p.add_argument("--out", default="samples", help="output folder (created; default: samples)")
+    g = p.add_argument_group("text and sampler")
+    g.add_argument("--prompt", action="append", help="prompt; repeat the flag for several prompts")
+    g.add_argument("--negative-prompt", default="", help="prompt of the unconditional half of the guidance batch")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w; <= 1: off")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise (batch i uses seed + i)")
+    g.add_argument("--height", type=int, default=None, help="pixels (default: the model's image size)")
+    g.add_argument("--width", type=int, default=None, help="pixels (default: the model's image size)")
+    g.add_argument("--batch", type=int, default=4, help="images per U-Net batch (default 4)")
+    g.add_argument("--num-images", type=int, default=None, help="images per prompt (default: --batch)")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="single SD files only (they cannot store it): convert.py's default is epsilon for SD 1.x, "
+                        "v_prediction for SD 2.x; pass epsilon for the 512 px 2.x-base files")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision on GPU (fp32 only on CPU); fp16 on a v-prediction model turns on "
+                        "the fp32 attention upcast (SD 2.1-v needs it)")
+    g = p.add_argument_group("style (CLUE checkpoints)")
+    g.add_argument("--style", choices=STYLE_CHOICES, default=None,
+                   help="where the style tokens come from: none (branch off), prior N(0, tau^2 I), posterior "
+                        "(the class's Gaussian fitted to the training images), posterior-sample (a random training "
+                        "image's mu), reference (--reference image). Default: prior for CLUE, none for plain SD")
+    g.add_argument("--tau", type=float, default=1.0, help="style temperature (0: the mean style)")
+    g.add_argument("--style-scale", type=float, default=1.0, help="multiplier of the style branch output")
+    g.add_argument("--style-seed", type=int, default=None,
+                   help="separate seed of the style draws (fixed noise, varying style); default: drawn after the noise")
+    g.add_argument("--reference", default=None, help="reference image for --style reference")
+    g.add_argument("--reference-prompt", default=None, help="prompt of the reference image (default: the prompt)")
+    g.add_argument("--class", dest="class_name", default=None,
+                   help="class name for --style posterior* in prompt mode (default: the class whose prompt matches)")
+    g = p.add_argument_group("synthetic dataset (CLUE checkpoints)")
+    g.add_argument("--data", default=None, help="the real class folder (or 'digits'): class names and counts")
+    g.add_argument("--prompt-template", default=None,
+                   help="prompt with {class}; default: the checkpoint's training template, else data.py's default")
+    g.add_argument("--per-class", type=int, default=None, help="images per class")
+    g.add_argument("--scale", type=float, default=None, help="percent of --data's real count per class (1000 = 10x)")
+    g = p.add_argument_group("figures")
+    g.add_argument("--grid", choices=("classes-x-styles", "interpolation"), default=None, help="figure mode")
+    g.add_argument("--n-styles", type=int, default=8, help="columns of --grid classes-x-styles")
+    g.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None,
+                   help="endpoints of --grid interpolation: image paths (reference styles) or integers "
+                        "(seeds of prior draws at --tau)")
+    g.add_argument("--n-interp", type=int, default=8, help="columns of --grid interpolation")
+    a = p.parse_args(argv)
+    if a.per_class is not None and a.scale is not None:
+        p.error("give --per-class or --scale, not both")
+    if a.scale is not None and a.data is None:
+        p.error("--scale needs --data (the real class counts)")
+    if a.grid == "interpolation" and a.interpolate is None:
+        p.error("--grid interpolation needs --interpolate A B")
+    if a.device == "cpu" and a.dtype != "fp32":
+        p.error("--dtype bf16/fp16 is for GPUs; on the CPU the model runs in fp32")
+    return a
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def load_model(path, device="cpu", prediction_type=None):
+    """(CLUE model, "clue" | "sd"): a CLUE checkpoint, or SD weights wrapped as a CLUE without style branch."""
+    from clue import CLUE
+    from convert import load_stable_diffusion
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file() and "clue" in json.loads(cfg_file.read_text()):
+        return CLUE.load(path, device=device), "clue"
+    sd = load_stable_diffusion(path, prediction_type=prediction_type)
+    return CLUE.from_stable_diffusion(sd, style_cfg=None).to(device).eval(), "sd"
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3,H,W) in [0,1] -> 8-bit RGB, rounding as diffusers' numpy_to_pil does (x * 255, round)."""
+    a = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(a.permute(1, 2, 0).numpy())
+
+
+def make_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
+    """(N,3,H,W) in [0,1] -> one image, ncol per row, white padding."""
+    n, _, h, w = images.shape
+    nrow = math.ceil(n / ncol)
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y:y + h, x:x + w] = np.asarray(to_pil(images[i]))
+    return Image.fromarray(canvas)
+
+
+def load_reference(path, height, width) -> torch.Tensor:
+    """An image file -> (1,3,H,W) in [-1,1] at the generation size (data.py's reader: RGB, resize, centre crop)."""
+    from data import load_image
+    if height != width:
+        img = Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return load_image(path, height)[None]
+
+
+def class_plan(args, model) -> list[dict]:
+    """The classes to draw: [{"folder", "name", "prompt", "real", "count"}], from --data or the checkpoint."""
+    posterior = model.style_posterior
+    train = getattr(model, "train_config", None) or {}
+    if args.data is not None:
+        from data import ClassFolderDataset, default_prompt_template, resolve_data
+        root = resolve_data(args.data)
+        template = args.prompt_template or train.get("prompt_template") or default_prompt_template(args.data)
+        ds = ClassFolderDataset(root, template)
+        folders = {}
+        for path, label in ds.samples:
+            folders.setdefault(label, Path(path).relative_to(root).parts[0])
+        plan = [{"folder": folders[i], "name": name, "real": ds.class_counts[i],
+                 "prompt": posterior[name]["prompt"] if name in posterior else ds.prompts[i]}
+                for i, name in enumerate(ds.class_names)]
+    elif posterior:
+        plan = [{"folder": name.replace(" ", "_"), "name": name, "prompt": p["prompt"], "real": len(p["mus"])}
+                for name, p in posterior.items()]
+    elif args.prompt:
+        plan = [{"folder": f"prompt_{i}", "name": None, "prompt": q, "real": None} for i, q in enumerate(args.prompt)]
+    else:
+        raise SystemExit("no classes known: pass --data DIR (class folders) or --prompt, or use a CLUE checkpoint "
+                         "with a fitted style posterior")
+    for c in plan:
+        if args.scale is not None:
+            c["count"] = int(round(args.scale / 100 * c["real"]))
+        else:
+            c["count"] = args.per_class if args.per_class is not None else (args.num_images or args.batch)
+    return plan
+
+
+def style_kwargs(args, model, kind, n, name, height, width) -> dict:
+    """The generate() keyword arguments of the chosen --style for n images of class `name`."""
+    style = args.style or ("prior" if kind == "clue" and model.style_encoder is not None else "none")
+    if style == "none":
+        return {"style": None}
+    if model.style_encoder is None:
+        raise SystemExit(f"--style {style}: this model has no style branch (plain SD or a --style-tokens 0 "
+                         "baseline); use --style none")
+    kw = {"style": style.replace("-", "_"), "tau": args.tau, "style_scale": args.style_scale}
+    if style.startswith("posterior"):
+        if name is None:
+            raise SystemExit("--style posterior needs a class: pass --class NAME (known: "
+                             f"{sorted(model.style_posterior)})")
+        kw["classes"] = [name] * n
+    if style == "reference":
+        if args.reference is None:
+            raise SystemExit("--style reference needs --reference IMAGE")
+        kw["reference"] = load_reference(args.reference, height, width)
+        kw["reference_prompts"] = [args.reference_prompt] if args.reference_prompt else None
+    return kw
+
+
+def endpoint_style(model, spec, prompt, tau, height, width) -> torch.Tensor:
+    """An --interpolate endpoint: an image path (its encoder mu) or an integer seed (a prior draw at tau)."""
+    if os.path.isfile(spec):
+        return model.make_style("reference", 1, reference=load_reference(spec, height, width),
+                                reference_prompts=[prompt])
+    try:
+        seed = int(spec)
+    except ValueError:
+        raise SystemExit(f"--interpolate {spec!r}: neither an image file nor an integer seed") from None
+    return model.make_style("prior", 1, tau=tau, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from clue import slerp
+    from convert import atomic_write_json
+    t_start = time.time()
+    device = torch.device(args.device)
+    model, kind = load_model(args.model, device, args.prediction_type)
+    height, width = args.height or model.cfg.image_size, args.width or model.cfg.image_size
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if dtype is torch.float16 and model.cfg.prediction_type == "v_prediction":
+        from unet import Attention
+        for m in model.unet.modules():  # SD 2.1-v overflows in fp16 attention: softmax in fp32
+            if isinstance(m, Attention):
+                m.upcast = True
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                  height=height, width=width)
+    written, record = [], {}
+
+    def run(prompts, seed, progress, **kw):
+        with autocast:
+            return model.generate(prompts, seed=seed, progress=progress, **common, **kw).float().cpu()
+
+    if args.grid is not None or args.per_class is not None or args.scale is not None:
+        plan = class_plan(args, model)
+        record["classes"] = plan
+    if args.grid == "classes-x-styles":
+        cells = []
+        for c in tqdm(plan, desc="rows (classes)"):
+            n = args.n_styles
+            noise = torch.randn((1, model.unet.cfg.in_channels, height // _f(model), width // _f(model)),
+                                generator=torch.Generator().manual_seed(args.seed)).expand(n, -1, -1, -1)
+            kw = style_kwargs(args, model, kind, n, c["name"], height, width)
+            seed = args.style_seed if args.style_seed is not None else args.seed + 1
+            cells.append(run([c["prompt"]] * n, None, False, latents=noise, style_seed=seed, **kw))
+        images = torch.cat(cells)
+        make_grid(images, args.n_styles).save(out / "grid.png")
+        written.append(str(out / "grid.png"))
+    elif args.grid == "interpolation":
+        if model.style_encoder is None:
+            raise SystemExit("--grid interpolation needs a model with a style branch")
+        cells, n = [], args.n_interp
+        for c in tqdm(plan, desc="rows (classes)"):
+            s0, s1 = (endpoint_style(model, spec, c["prompt"], args.tau, height, width) for spec in args.interpolate)
+            styles = torch.cat([slerp(s0, s1, a) for a in torch.linspace(0, 1, n).tolist()])
+            noise = torch.randn((1, model.unet.cfg.in_channels, height // _f(model), width // _f(model)),
+                                generator=torch.Generator().manual_seed(args.seed)).expand(n, -1, -1, -1)
+            cells.append(run([c["prompt"]] * n, None, False, latents=noise, style=styles,
+                             style_scale=args.style_scale))
+        images = torch.cat(cells)
+        make_grid(images, n).save(out / "grid.png")
+        written.append(str(out / "grid.png"))
+    elif args.per_class is not None or args.scale is not None:
+        total, batch_index = sum(c["count"] for c in plan), 0
+        bar = tqdm(total=total, desc="images")
+        for c in plan:
+            folder = out / c["folder"]
+            folder.mkdir(parents=True, exist_ok=True)
+            for start in range(0, c["count"], args.batch):
+                n = min(args.batch, c["count"] - start)
+                kw = style_kwargs(args, model, kind, n, c["name"], height, width)
+                images = run([c["prompt"]] * n, args.seed + batch_index, False, **kw)
+                batch_index += 1
+                for j, img in enumerate(images):
+                    to_pil(img).save(folder / f"{start + j:05d}.png")
+                    written.append(str(folder / f"{start + j:05d}.png"))
+                bar.update(n)
+        bar.close()
+    else:
+        if not args.prompt:
+            raise SystemExit("pass --prompt (or --per-class / --scale / --grid for a CLUE checkpoint)")
+        n_each = args.num_images or args.batch
+        prompts = [q for q in args.prompt for _ in range(n_each)]
+        name = args.class_name
+        if name is None and (args.style or "").startswith("posterior"):  # the class whose training prompt matches
+            name = next((k for k, p in model.style_posterior.items() if p["prompt"] == args.prompt[0]), None)
+        all_images = []
+        for b, start in enumerate(range(0, len(prompts), args.batch)):
+            chunk = prompts[start:start + args.batch]
+            kw = style_kwargs(args, model, kind, len(chunk), name, height, width)
+            all_images.append(run(chunk, args.seed + b, True, **kw))
+        images = torch.cat(all_images)
+        for i, img in enumerate(images):
+            to_pil(img).save(out / f"{i:06d}.png")
+            written.append(str(out / f"{i:06d}.png"))
+        make_grid(images, min(len(images), max(n_each, 1))).save(out / "grid.png")
+        written.append(str(out / "grid.png"))
+
+    record.update(settings=vars(args), model_kind=kind, prediction_type=model.cfg.prediction_type,
+                  height=height, width=width, n_files=len(written), seconds=round(time.time() - t_start, 2),
+                  device=str(device), torch=torch.__version__, python=platform.python_version(),
+                  command=" ".join(sys.argv) if argv is None else "sample.py " + " ".join(map(str, argv)))
+    atomic_write_json(out / "run.json", json.loads(json.dumps(record, default=str)))
+    print(f"wrote {len(written)} files to {out} in {record['seconds']} s (settings: {out / 'run.json'})")
+    return record
+
+
+def _f(model) -> int:
+    """The VAE's downsampling factor (pixels per latent)."""
+    return 2 ** (len(model.vae.cfg.block_channels) - 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""sample.py and CLUE.generate end to end: our generation from weights written by diffusers' save_pretrained
+equals diffusers' StableDiffusionPipeline (DDIM, 10 steps, guidance 7.5, a negative prompt, the same initial
+latents), and the command line writes what it promises (PNGs, grid, run.json, class subfolders).
+
+The pipeline runs with a real transformers CLIPTokenizer: no tokenizer files can be downloaded here, so the
+test builds one from open_clip's bundled BPE vocabulary (test_clue.clip_tokenizer_offline); the prompts then
+go through the pipeline's own tokenizer and text encoder, not through embeddings we computed."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from clue import CLUE, CLUEConfig
+from style_encoder import StyleConfig
+from test_clue import PROMPT, SMALL_UNET, build_tiny_sd_pipeline, make_image_folder
+
+PROMPTS = ["a photo of a red cube on a table", "an oil painting of a lighthouse at night"]
+NEGATIVE = "blurry, low quality"
+
+
+@pytest.mark.parametrize("text_mode,prediction_type", [("sd2", "epsilon"), ("sd1", "v_prediction")])
+def test_generation_equals_diffusers_pipeline(tmp_path, text_mode, prediction_type):
+    pipe = build_tiny_sd_pipeline(tmp_path / "sd", text_mode, prediction_type)
+    model, kind = sample.load_model(tmp_path / "sd")
+    assert kind == "sd" and model.style_encoder is None and model.cfg.prediction_type == prediction_type
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    final = {}
+
+    def keep_latents(pipeline, i, t, kwargs):  # the pipeline's latents after its last DDIM step
+        final["latents"] = kwargs["latents"]
+        return {}
+
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, num_inference_steps=10, guidance_scale=7.5,
+                   latents=latents, height=16, width=16, output_type="pt", callback_on_step_end=keep_latents).images
+    ours_latents = model.generate(PROMPTS, negative_prompt=NEGATIVE, steps=10, guidance=7.5, latents=latents,
+                                  height=16, width=16, progress=False, output="latent")
+    ours, ref_latents = model.decode_latents(ours_latents), final["latents"]
+    err, lat_err = (ours - ref).abs().max().item(), (ours_latents - ref_latents).abs().max().item()
+    print(f"{text_mode} {prediction_type}: images in [0,1] max abs err {err:.2e}; final latents {lat_err:.2e}")
+    assert ours.shape == ref.shape == (2, 3, 16, 16)
+    assert err <= 1e-3 and lat_err <= 1e-3
+    assert 0.05 < ((ref > 0) & (ref < 1)).float().mean()  # not a comparison of clipped pixels only
+
+
+@pytest.fixture(scope="module")
+def clue_ckpt(tmp_path_factory):
+    """A small CLUE checkpoint (untrained, with a fitted style posterior) and its class folder."""
+    from torch.utils.data import DataLoader
+
+    from data import ClassFolderDataset
+    root = tmp_path_factory.mktemp("sample_cli")
+    data = make_image_folder(str(root / "data"), per_class=3)
+    torch.manual_seed(0)
+    model = CLUE.from_config(unet=SMALL_UNET, style=StyleConfig.tiny(), clue=CLUEConfig.tiny())
+    model.fit_style_posterior(DataLoader(ClassFolderDataset(data, PROMPT, size=32), batch_size=6))
+    model.save(root / "ckpt", extra={"prompt_template": PROMPT})
+    return root, data
+
+
+def test_cli_plain_sd(tmp_path):
+    build_tiny_sd_pipeline(tmp_path / "sd")
+    out = tmp_path / "out"
+    record = sample.main(["--model", str(tmp_path / "sd"), "--prompt", "a red cube", "--negative-prompt", "blurry",
+                          "--steps", "3", "--batch", "2", "--height", "16", "--width", "16", "--seed", "4",
+                          "--out", str(out)])
+    files = sorted(os.listdir(out))
+    assert files == ["000000.png", "000001.png", "grid.png", "run.json"]
+    assert Image.open(out / "000000.png").size == (16, 16)
+    run = json.loads((out / "run.json").read_text())
+    assert run["model_kind"] == "sd" and run["settings"]["seed"] == 4 and run["settings"]["steps"] == 3
+    assert record["n_files"] == 3
+    with pytest.raises(SystemExit, match="no style branch"):  # a style flag on plain SD: a clear exit
+        sample.main(["--model", str(tmp_path / "sd"), "--prompt", "x", "--style", "prior", "--steps", "1",
+                     "--height", "16", "--width", "16", "--out", str(out)])
+
+
+def test_cli_clue_dataset_modes(clue_ckpt):
+    root, data = clue_ckpt
+    ckpt = str(root / "ckpt")
+    out = root / "per_class"
+    sample.main(["--model", ckpt, "--data", data, "--per-class", "3", "--batch", "2", "--steps", "2",
+                 "--out", str(out)])
+    assert sorted(p for p in os.listdir(out) if p != "run.json") == ["horizontal_bars", "vertical_bars"]
+    assert sorted(os.listdir(out / "vertical_bars")) == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(out / "vertical_bars" / "00000.png").size == (32, 32)
+    run = json.loads((out / "run.json").read_text())
+    assert [c["prompt"] for c in run["classes"]] == ["a picture of horizontal bars", "a picture of vertical bars"]
+    # --scale: percent of the real class counts (3 per class here): 200 % -> 6
+    out = root / "scale"
+    sample.main(["--model", ckpt, "--data", data, "--scale", "200", "--batch", "6", "--steps", "1",
+                 "--style", "posterior-sample", "--out", str(out)])
+    assert len(os.listdir(out / "horizontal_bars")) == 6
+    # without --data: the classes stored with the checkpoint's style posterior
+    out = root / "from_ckpt"
+    sample.main(["--model", ckpt, "--per-class", "1", "--steps", "1", "--style", "posterior", "--tau", "0.5",
+                 "--out", str(out)])
+    assert sorted(p for p in os.listdir(out) if p != "run.json") == ["horizontal_bars", "vertical_bars"]
+
+
+def test_cli_clue_grids_and_style_flags(clue_ckpt):
+    root, data = clue_ckpt
+    ckpt = str(root / "ckpt")
+    sample.main(["--model", ckpt, "--grid", "classes-x-styles", "--n-styles", "3", "--steps", "2", "--tau", "0.8",
+                 "--out", str(root / "grid")])
+    grid = Image.open(root / "grid" / "grid.png")
+    assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 class rows of 32 px, 2 px padding
+    ref = os.path.join(data, "vertical_bars", "000.png")
+    sample.main(["--model", ckpt, "--grid", "interpolation", "--interpolate", ref, "7", "--n-interp", "4",
+                 "--steps", "2", "--out", str(root / "interp")])
+    assert Image.open(root / "interp" / "grid.png").size == (4 * 34 + 2, 2 * 34 + 2)
+    out = root / "ref"
+    sample.main(["--model", ckpt, "--prompt", "a picture of vertical bars", "--style", "reference", "--reference",
+                 ref, "--style-scale", "2", "--num-images", "2", "--steps", "2", "--out", str(out)])
+    assert {"000000.png", "000001.png", "grid.png", "run.json"} <= set(os.listdir(out))
+    with pytest.raises(SystemExit):
+        sample.main(["--model", ckpt, "--scale", "100", "--out", str(out)])  # --scale needs --data
