@@ -56,7 +56,7 @@ DIGITS_FORMAT_VERSION = 1                         # bump when the way digits are
 DIGITS_ARGS = ("digits", "digits:train", "digits:test")  # --data values that mean the demo dataset
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow image -> 8-bit RGB (see the module docstring for the rules)."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16-bit (or float) grayscale: scale to 8 bit ourselves; Image.convert("L") would clip at 255.
@@ -82,7 +82,7 @@ def load_image(path: str | os.PathLike, size: int, random_crop: bool = False, fl
     """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
+        img = to_rgb(img)
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))

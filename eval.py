@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 import classifier as clf
 from convert import atomic_write_json, atomic_write_safetensors
-from data import DIGITS_ARGS, _to_rgb, cache_root, load_image, resolve_data
+from data import DIGITS_ARGS, to_rgb, cache_root, load_image, resolve_data
 from inception import FID_WEIGHTS_NAME, load_fid_inception
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -78,7 +78,7 @@ class InceptionFeatures:
 
     def load(self, path):
         with Image.open(path) as img:
-            img = _to_rgb(ImageOps.exif_transpose(img))
+            img = to_rgb(ImageOps.exif_transpose(img))
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ Models: a CLUE checkpoint folder (train.py / CLUE.save), or any Stable Diffusion
 (a diffusers folder, a single .safetensors / .ckpt, our converted folder): plain text-to-image.
 
 Four modes:
-  prompts (default)     --prompt P (repeatable) x --num-images N each          -> out/000000.png..., grid.png
+  prompts (default)     --prompt P (repeatable) x --num-images N each          -> out/images/000000.png..., out/grid.png
   a synthetic dataset   --per-class N | --scale PCT (percent of --data's class counts) -> out/<class>/00000.png
                         (class subfolders named like --data's, ready for `eval.py classify`)
   --grid classes-x-styles  rows: classes, columns: --n-styles style draws. The initial noise is the same in
@@ -303,9 +303,10 @@ def main(argv=None) -> dict:
             kw = style_kwargs(args, model, kind, len(chunk), name, height, width)
             all_images.append(run(chunk, args.seed + b, True, **kw))
         images = torch.cat(all_images)
+        (out / "images").mkdir(exist_ok=True)  # apart from grid.png, so eval.py can read the folder as it is
         for i, img in enumerate(images):
-            to_pil(img).save(out / f"{i:06d}.png")
-            written.append(str(out / f"{i:06d}.png"))
+            to_pil(img).save(out / "images" / f"{i:06d}.png")
+            written.append(str(out / "images" / f"{i:06d}.png"))
         make_grid(images, min(len(images), max(n_each, 1))).save(out / "grid.png")
         written.append(str(out / "grid.png"))
 

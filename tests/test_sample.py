@@ -68,8 +68,9 @@ def test_cli_plain_sd(tmp_path):
                           "--steps", "3", "--batch", "2", "--height", "16", "--width", "16", "--seed", "4",
                           "--out", str(out)])
     files = sorted(os.listdir(out))
-    assert files == ["000000.png", "000001.png", "grid.png", "run.json"]
-    assert Image.open(out / "000000.png").size == (16, 16)
+    assert files == ["grid.png", "images", "run.json"]
+    assert sorted(os.listdir(out / "images")) == ["000000.png", "000001.png"]
+    assert Image.open(out / "images" / "000000.png").size == (16, 16)
     run = json.loads((out / "run.json").read_text())
     assert run["model_kind"] == "sd" and run["settings"]["seed"] == 4 and run["settings"]["steps"] == 3
     assert record["n_files"] == 3
@@ -115,6 +116,6 @@ def test_cli_clue_grids_and_style_flags(clue_ckpt):
     out = root / "ref"
     sample.main(["--model", ckpt, "--prompt", "a picture of vertical bars", "--style", "reference", "--reference",
                  ref, "--style-scale", "2", "--num-images", "2", "--steps", "2", "--out", str(out)])
-    assert {"000000.png", "000001.png", "grid.png", "run.json"} <= set(os.listdir(out))
+    assert {"grid.png", "images", "run.json"} <= set(os.listdir(out))
     with pytest.raises(SystemExit):
         sample.main(["--model", ckpt, "--scale", "100", "--out", str(out)])  # --scale needs --data
