@@ -1,0 +1,263 @@
+"""train.py: the pieces (LR schedule, EMA, optimizer flattening, RNG state) and whole tiny runs on CPU.
+
+Whole runs use tiny synthetic class folders drawn with PIL and a tiny model (U-Net 32/32, style encoder
+width 32, one layer); each takes seconds. Resume and torchrun have their own files (test_train_resume.py,
+test_train_ddp.py), which import the helpers below.
+"""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import train
+
+
+# ------------------------------------------------------------------------------------ helpers
+def make_class_folders(root, per_class=8, size=(40, 36), seed=0):
+    """Three classes of 40x36 RGB images (random crops to 32 px have room): horizontal bars, vertical bars,
+    rings, with random position and thickness."""
+    rng = random.Random(seed)
+    for cls in ("horizontal_bar", "vertical_bar", "ring"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", size, "white")
+            d = ImageDraw.Draw(img)
+            w, h, t = size[0], size[1], rng.randint(2, 6)
+            if cls == "horizontal_bar":
+                y = rng.randint(6, h - 6 - t)
+                d.rectangle([4, y, w - 4, y + t], fill="black")
+            elif cls == "vertical_bar":
+                x = rng.randint(6, w - 6 - t)
+                d.rectangle([x, 4, x + t, h - 4], fill="black")
+            else:
+                r = rng.randint(6, 12)
+                d.ellipse([w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r], outline="black", width=t)
+            img.save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def make_vae_folder(path, seed=0):
+    """An (untrained) tiny VAE in the folder format train.py's phase 1 writes and --vae reads."""
+    from dataclasses import asdict
+
+    from convert import atomic_write_json, atomic_write_safetensors
+    from vae import VAE, VAEConfig
+    torch.manual_seed(seed)
+    vae = VAE(VAEConfig.tiny(scale_factor=1.0))
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_safetensors(path / "model.safetensors", {f"vae.{k}": v for k, v in vae.state_dict().items()})
+    atomic_write_json(path / "config.json", {"format": "clue-pytorch", "version": 1, "vae": asdict(vae.cfg),
+                                             "scale_factor": 1.0})
+    return path
+
+
+def tiny_args(data, out, vae=None, *extra):
+    """Arguments of a tiny CPU run: small U-Net and style encoder, grid of 2 columns x 2 DDIM steps."""
+    args = ["--data", str(data), "--preset", "tiny", "--output", str(out), "--device", "cpu",
+            "--unet-channels", "32,32", "--style-width", "32", "--style-layers", "1",
+            "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1",
+            "--sample-every", "0", "--checkpoint-every", "0", "--grid-taus", "0,1", "--grid-steps", "2",
+            "--diag-images", "16", "--prompt", "a picture of a {class}"]
+    if vae is not None:
+        args += ["--vae", str(vae)]
+    return args + [str(a) for a in extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine makes two threads 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_class_folders(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return make_vae_folder(tmp_path_factory.mktemp("vae") / "vae")
+
+
+# ------------------------------------------------------------------------------------ pieces
+def test_lr_schedule_warmup_cosine_constant():
+    f = [train.lr_factor(s, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)          # linear warm-up to the peak
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)       # half-way down the cosine
+    assert f[110] == pytest.approx(0.1) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert train.lr_factor(500, 10, 110, "constant", 0.1) == 1.0
+
+
+def test_ema_matches_the_formula_and_swaps_back():
+    p = {"w": torch.zeros(3)}
+    ema = train.EMA(p, decay=0.9)
+    expected = torch.zeros(3)
+    for n in range(1, 6):
+        p["w"] = torch.full((3,), float(n))
+        ema.update(p)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * p["w"]
+    err = (ema.shadow["w"] - expected).abs().max().item()
+    print(f"EMA vs formula max abs err {err:.2e}")
+    assert err < 1e-6
+    param = torch.nn.Parameter(torch.ones(3))
+    ema2 = train.EMA({"w": param}, 0.5)
+    ema2.shadow["w"] = torch.full((3,), 7.0)
+    with ema2.applied({"w": param}):
+        assert torch.equal(param.data, torch.full((3,), 7.0))
+    assert torch.equal(param.data, torch.ones(3))
+
+
+def test_optimizer_state_round_trips_through_tensors_and_json():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(3):
+        net(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    names = [n for n, _ in net.named_parameters()]
+    tensors, meta = train.flatten_optimizer(opt, names)
+    assert set(tensors) == {f"optim.{n}.{k}" for n in names for k in ("step", "exp_avg", "exp_avg_sq")}
+    tensors = {k: v.clone() for k, v in tensors.items()}         # as read back from disk
+    meta = json.loads(json.dumps(meta))                          # through JSON, as on disk
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(net.state_dict())
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=5.0)
+    train.unflatten_optimizer(opt2, names, tensors, meta)
+    x = torch.randn(5, 4)
+    for model, o in ((net, opt), (twin, opt2)):
+        model(x).pow(2).mean().backward()
+        o.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_rng_state_round_trip():
+    state = train.get_rng_state(torch.device("cpu"))
+    state = (state[0], json.loads(json.dumps(state[1])))
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    train.set_rng_state(*state, torch.device("cpu"))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_help_has_examples():
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "x"])  # neither --model nor --preset
+
+
+def test_help_text(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for example in ("--data digits --preset tiny", "--style-tokens 0", "--resume latest", "torchrun"):
+        assert example in text
+
+
+# ------------------------------------------------------------------------------------ whole runs
+def test_tiny_run_loss_goes_down_and_writes_everything(data_dir, tmp_path):
+    from clue import CLUE
+    out = tmp_path / "run"
+    summary = train.main(tiny_args(data_dir, out, None, "--vae-steps", "3", "--vae-batch-size", "8",
+                                   "--steps", "40", "--lr-schedule", "constant", "--lr", "2e-3",
+                                   "--ema-decay", "0"))
+    log = [r for r in read_log(out) if "mse" in r]
+    first, last = np.mean([r["mse"] for r in log[:5]]), np.mean([r["mse"] for r in log[-5:]])
+    print(f"diffusion mse: first 5 steps {first:.4f}, last 5 steps {last:.4f}")
+    assert last < 0.8 * first
+    for f in ("vae/config.json", "vae/model.safetensors", "vae_log.jsonl", "vae_recon.png", "log.jsonl",
+              "loss_curve.png", "samples.png", "summary.json", "final/config.json", "final/model.safetensors",
+              "checkpoints/step_000040/training_state.json"):
+        assert (out / f).is_file(), f
+    assert Image.open(out / "loss_curve.png").size[0] > 100
+    model = CLUE.load(out / "final")
+    assert sorted(model.style_posterior) == ["horizontal bar", "ring", "vertical bar"]
+    config = json.loads((out / "final" / "config.json").read_text())
+    diag = config["diagnostics"]
+    assert set(diag) >= {"kl_per_dim", "active_units", "agg_kl_per_dim", "loss_encoder", "loss_prior",
+                         "loss_aggregate", "loss_none"}
+    assert config["train"]["prompt_template"] == "a picture of a {class}"
+    assert summary["diagnostics"] == diag
+    assert any(r.get("event") == "diagnostics" for r in read_log(out))
+
+
+def test_vanilla_baseline_has_no_style_parameters(data_dir, vae_dir, tmp_path):
+    out = tmp_path / "vanilla"
+    train.main(tiny_args(data_dir, out, vae_dir, "--steps", "2", "--style-tokens", "0"))
+    from clue import CLUE
+    model = CLUE.load(out / "final")
+    assert model.style_encoder is None
+    assert not [n for n, _ in model.named_parameters() if "style" in n]
+    assert (out / "samples.png").is_file()
+
+
+def test_fine_tune_freezes_vae_and_text_encoder(data_dir, vae_dir, tmp_path):
+    """--model: a checkpoint in our format stands in for SD; VAE and text encoder must not move, the U-Net
+    must; --freeze-unet moves only the U-Net's style layers."""
+    from clue import CLUE
+    from convert import is_style_param
+    base = tmp_path / "base"
+    train.main(tiny_args(data_dir, base, vae_dir, "--steps", "1"))
+    args = [a for a in tiny_args(data_dir, tmp_path / "ft", None, "--steps", "2", "--ema-decay", "0",
+                                 "--resolution", "32")]
+    args[args.index("--preset"):args.index("--preset") + 2] = ["--model", str(base / "final")]
+    args[args.index("--unet-channels"):args.index("--unet-channels") + 2] = []
+    train.main(args)
+    before, after = CLUE.load(base / "final").state_dict(), CLUE.load(tmp_path / "ft" / "final").state_dict()
+    moved = {k.split(".")[0] for k in after if k in before and not torch.equal(before[k], after[k])}
+    assert "unet" in moved and "vae" not in moved and "text_encoder" not in moved
+    args[args.index("--output") + 1] = str(tmp_path / "ft2")
+    train.main(args + ["--freeze-unet"])
+    after = CLUE.load(tmp_path / "ft2" / "final").state_dict()
+    moved_unet = [k for k in after if k.startswith("unet.") and not torch.equal(before[k], after[k])]
+    assert moved_unet and all(is_style_param(k) for k in moved_unet)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_writes_nothing(data_dir, vae_dir, tmp_path, monkeypatch):
+    import clue
+    original = clue.CLUE.loss
+
+    def poisoned(self, batch, step=0, generator=None):
+        loss, logs = original(self, batch, step, generator)
+        return (loss * math.nan if step == 3 else loss), logs
+    monkeypatch.setattr(clue.CLUE, "loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(train.TrainingDiverged, match=r"step 3: the loss is nan.*step_000002"):
+        train.main(tiny_args(data_dir, out, vae_dir, "--steps", "6", "--checkpoint-every", "2"))
+    assert [p.name for p in train.list_checkpoints(out)] == ["step_000002"]
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+
+
+def test_empty_class_folder_is_a_clear_error(data_dir, vae_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    (bad / "empty_class").mkdir()
+    with pytest.raises(SystemExit, match=r"empty_class contains no readable images"):
+        train.main(tiny_args(bad, tmp_path / "out", vae_dir, "--steps", "1"))
+
+
+def test_corrupt_image_is_skipped_with_a_warning(data_dir, vae_dir, tmp_path, capsys, caplog):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    (bad / "ring" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    train.main(tiny_args(bad, tmp_path / "out", vae_dir, "--steps", "1"))
+    out = capsys.readouterr().out
+    assert "data: 24 images" in out and "1 unreadable files skipped" in out
+    assert "broken.png" in caplog.text  # data.py's one warning line per skipped file
