@@ -1,25 +1,27 @@
-"""train.py under `torchrun --nproc_per_node 2` on CPU (gloo): the two replicas end with identical weights
-(each rank writes a checksum of its parameters and of its EMA), and rank 0 alone writes the run's files."""
+"""train.py under `torchrun --nproc_per_node 2` on CPU (gloo), both phases (tiny VAE, then CLUE): the two
+replicas end with identical weights (each rank writes a checksum of its parameters and of its EMA), and rank 0
+alone writes the run's files. (Without DDP the two ranks' different data shards and noise make them differ.)"""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from test_train import data_dir, make_class_folders, make_vae_folder, tiny_args, vae_dir  # noqa: F401
+from test_train import data_dir, make_class_folders, tiny_args  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_torchrun_two_processes_keep_identical_replicas(data_dir, vae_dir, tmp_path):
+def test_torchrun_two_processes_keep_identical_replicas(data_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *tiny_args(data_dir, out, vae_dir, "--steps", "4", "--grad-accum", "2",
-                                              "--checkpoint-every", "2", "--dump-param-checksum")]
+           str(ROOT / "train.py"), *tiny_args(data_dir, out, None, "--vae-steps", "2", "--vae-batch-size", "8",
+                                              "--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2",
+                                              "--dump-param-checksum")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es) on cpu" in proc.stdout
+    assert "2 process(es) on cpu" in proc.stdout and (out / "vae" / "model.safetensors").is_file()
     sums = [json.loads((out / f"param_checksum.rank{r}.json").read_text()) for r in (0, 1)]
     print(f"rank 0 params {sums[0]['params'][:16]}..., rank 1 params {sums[1]['params'][:16]}...")
     assert sums[0] == sums[1]
