@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from convert import (SD_SAMPLER, CheckpointError, StableDiffusion, config_from_dict, is_style_param,
+from convert import (SD_SAMPLER, CheckpointError, StableDiffusion, config_from_dict, is_style_param, load_audited,
                      load_stable_diffusion, save_stable_diffusion)
 from schedulers import DDIMSampler, NoiseSchedule
 from style_encoder import StyleConfig, StyleEncoder
@@ -89,22 +89,6 @@ def _randn(shape, generator, device, dtype=torch.float32):
     """Noise drawn on the CPU (with an optional CPU generator), then moved: the same seed gives the same
     numbers on every device, as diffusers' randn_tensor does for a CPU generator."""
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-
-
-def _load_module(module: nn.Module, tensors: dict, prefix: str, path) -> None:
-    """Fill `module` from the `prefix.*` tensors; list missing / unexpected / wrongly shaped keys in the error."""
-    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [f"{prefix}{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{path}: the {prefix}* weights do not fit the model its config.json describes "
-                              f"(a different model, or a corrupted checkpoint). missing {missing[:8]}"
-                              f"{'...' if len(missing) > 8 else ''}; unexpected {unexpected[:8]}"
-                              f"{'...' if len(unexpected) > 8 else ''}; shape mismatches {bad[:8]}")
-    module.load_state_dict(sd)
 
 
 class CLUE(nn.Module):
@@ -527,7 +511,8 @@ class CLUE(nn.Module):
                                       f"{absent[:6]}{' ...' if len(absent) > 6 else ''}")
         style_encoder = StyleEncoder(style_cfg) if style_cfg is not None else None
         if style_encoder is not None:
-            _load_module(style_encoder, tensors, "style_encoder.", path)
+            style_sd = {k[len("style_encoder."):]: v for k, v in tensors.items() if k.startswith("style_encoder.")}
+            load_audited(style_encoder, style_sd, "style encoder (style_encoder.*)", path)
         model = cls(sd.vae, sd.text_encoder, sd.unet, style_encoder, sd.schedule, clue_cfg, sd.sampler_config)
         post = extra.get("style_posterior") or {"classes": []}
         for i, name in enumerate(post["classes"]):

@@ -257,6 +257,11 @@ def _load_audited(module: torch.nn.Module, mapped: list, unused: list, what: str
     module.load_state_dict(filled, strict=False)
 
 
+
+def load_audited(module: torch.nn.Module, state_dict: dict, what: str, source, keep_init=lambda name: False) -> None:
+    """The audit for a state dict already in our names (our own format, the style encoder of a CLUE checkpoint)."""
+    _load_audited(module, *_apply_rules(state_dict, _IDENTITY), what, source, keep_init)
+
 # Original (ldm) U-Net -> diffusers names. ldm numbers the down path as one flat list of "input_blocks"
 # (block 0 = conv_in, then per level: layers_per_block x [resnet, transformer], then the downsampler) and
 # the up path as "output_blocks" (per level: layers_per_block+1 x [resnet, transformer, upsampler]).

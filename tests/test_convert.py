@@ -289,12 +289,17 @@ def test_shapes_disagree_with_config(sd1_folder, tmp_path):
     assert "conv_out.bias: (4,) in the source, (3,) in our model" in msg
 
 
+def tiny_sdxl_unet():
+    """A tiny SDXL-shaped U-Net (text_time added conditioning), as diffusers builds it."""
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 6 * 8)
+
+
 def test_sdxl_folder_refused(tmp_path):
     torch.manual_seed(0)
-    xl = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
-                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
-                              addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 6 * 8)
+    xl = tiny_sdxl_unet()
     xl.save_pretrained(tmp_path / "xl" / "unet")
     for sub in ("vae", "text_encoder", "scheduler"):
         (tmp_path / "xl" / sub).mkdir()

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from convert import CheckpointError, load_stable_diffusion
-from test_convert import SD1, SD2, assert_matches, tiny_models
+from test_convert import SD1, SD2, assert_matches, tiny_models, tiny_sdxl_unet
 
 
 # ------------------------------------------------------------------------------ diffusers -> ldm writer
@@ -209,10 +209,7 @@ def test_unlisted_key_is_reported(ldm_file, tmp_path):
 def test_sdxl_file_refused(tmp_path):
     """An SDXL-shaped file (diffusers' SDXL U-Net in ldm names, CLIP-L and OpenCLIP under conditioner.embedders)."""
     torch.manual_seed(0)
-    xl = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
-                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
-                              addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 6 * 8)
+    xl = tiny_sdxl_unet()
     _, vae, clip_l = tiny_models(SD1)
     ckpt = {**unet_to_ldm(xl), **vae_to_ldm(vae)}
     ckpt.update({f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in clip_l.state_dict().items()})
