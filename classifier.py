@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from convert import atomic_write_json, atomic_write_safetensors
+from checkpoint import atomic_write_json, atomic_write_safetensors
 from data import ClassFolderDataset, load_image
 
 CHECKPOINT_FORMAT = "clue-classifier"

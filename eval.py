@@ -39,7 +39,7 @@ from sklearn.metrics.pairwise import euclidean_distances
 from tqdm.auto import tqdm
 
 import classifier as clf
-from convert import atomic_write_json, atomic_write_safetensors
+from checkpoint import atomic_write_json, atomic_write_safetensors
 from data import DIGITS_ARGS, to_rgb, cache_root, load_image, resolve_data
 from inception import FID_WEIGHTS_NAME, load_fid_inception
 

@@ -222,7 +222,7 @@ def endpoint_style(model, spec, prompt, tau, height, width) -> torch.Tensor:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from clue import slerp
-    from convert import atomic_write_json
+    from checkpoint import atomic_write_json
     t_start = time.time()
     device = torch.device(args.device)
     model, kind = load_model(args.model, device, args.prediction_type)

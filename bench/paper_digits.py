@@ -155,7 +155,7 @@ class Runner:
                     "PYTHONUNBUFFERED": "1"}
 
     def save(self):
-        from convert import atomic_write_json
+        from checkpoint import atomic_write_json
         atomic_write_json(self.state_file, self.state)
 
     def run(self, ph: Phase):
@@ -228,7 +228,7 @@ def log(msg: str):
 def materialise_limited(args, folder: Path, listing: Path):
     """Copy the seeded N-per-class subset of the digits train split to folder/<class>/ (names kept, so every
     file traces back to its row in load_digits) and list it in `listing`."""
-    from convert import atomic_write_json
+    from checkpoint import atomic_write_json
     from data import DIGITS_PROMPT, ClassFolderDataset, resolve_data
     source = resolve_data("digits")
     ds = ClassFolderDataset(source, DIGITS_PROMPT, size=32, limit_per_class=args.limit_per_class,
@@ -462,7 +462,7 @@ def main(argv=None) -> dict:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stem = "paper_digits_quick" if args.quick else "paper_digits"
-    from convert import atomic_write_json
+    from checkpoint import atomic_write_json
     (results / f"{stem}.md").write_text(text + "\n")
     atomic_write_json(results / f"{stem}.json", json.loads(json.dumps(record, default=str)))
     log(f"wrote {results / (stem + '.md')} and {results / (stem + '.json')}; work folder {out}")

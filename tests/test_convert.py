@@ -1,4 +1,4 @@
-"""convert.py on diffusers folders, our own format, the CLI and bad inputs.
+"""convert.py on diffusers folders, our own format (checkpoint.py's writers too), the CLI and bad inputs.
 
 References: the folders are written by diffusers' and transformers' own `save_pretrained` from tiny
 random SD 1-style and SD 2-style models, and those models compute the expected outputs.
@@ -13,6 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import audit
+import checkpoint
 import convert
 from convert import CheckpointError, load_stable_diffusion, save_stable_diffusion
 
@@ -157,7 +159,7 @@ def test_legacy_vae_attention_names(sd2_folder, tmp_path):
         for new, o in new_to_old.items():
             k = k.replace(f"attentions.0.{new}", f"attentions.0.{o}")
         weights[k] = v
-    convert.atomic_write_safetensors(old / "vae" / "diffusion_pytorch_model.safetensors", weights)
+    checkpoint.atomic_write_safetensors(old / "vae" / "diffusion_pytorch_model.safetensors", weights)
     ref = AutoencoderKL.from_pretrained(old / "vae").eval()  # diffusers' own loader accepts the old names
     assert_matches(load_stable_diffusion(old), (models[0], ref, models[2]), "legacy VAE names")
 
@@ -184,7 +186,7 @@ def test_cli_half(sd1_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "diffusers folder" in out and "M parameters" in out
-    _, tensors = convert.read_checkpoint_dir(tmp_path / "half")
+    _, tensors = checkpoint.read_checkpoint_dir(tmp_path / "half")
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     sd = load_stable_diffusion(tmp_path / "half")
     assert sd.prediction_type == "v_prediction"
@@ -196,7 +198,7 @@ def test_style_branch_kept_or_dropped(sd2_folder, tmp_path):
     """style=True adds the zero-initialised CLUE branch; our format keeps trained style weights; style=False
     drops them."""
     sd = load_stable_diffusion(sd2_folder[0], style=True)
-    style_keys = [k for k in sd.unet.state_dict() if convert.is_style_param(k)]
+    style_keys = [k for k in sd.unet.state_dict() if audit.is_style_param(k)]
     assert style_keys and all(".attn_style." in k or ".norm_style." in k for k in style_keys)
     d = inputs(64)
     s = torch.randn(2, 4, 64)
@@ -204,7 +206,7 @@ def test_style_branch_kept_or_dropped(sd2_folder, tmp_path):
         plain = sd.unet(d["x"], d["t"], d["context"])
         assert torch.equal(plain, sd.unet(d["x"], d["t"], d["context"], style=s))  # zero-init output projection
         for k, p in sd.unet.named_parameters():
-            if convert.is_style_param(k):
+            if audit.is_style_param(k):
                 p.add_(0.01 * torch.randn_like(p))  # as if trained
     style_encoder = {"style_encoder.head.weight": torch.randn(3, 3)}
     save_stable_diffusion(sd, tmp_path / "clue", extra_config={"style": {"tokens": 4}}, extra_tensors=style_encoder)
@@ -219,13 +221,13 @@ def test_style_branch_kept_or_dropped(sd2_folder, tmp_path):
 
 
 def test_atomic_writers(tmp_path):
-    convert.atomic_write_json(tmp_path / "a.json", {"x": [1, 2]})
-    convert.atomic_write_json(tmp_path / "a.json", {"x": 3})  # replaces
+    checkpoint.atomic_write_json(tmp_path / "a.json", {"x": [1, 2]})
+    checkpoint.atomic_write_json(tmp_path / "a.json", {"x": 3})  # replaces
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 3}
     w = torch.randn(4, 4)
     shared = {"a": w, "b": w, "c": w[2:], "d": w.t()}  # views of one storage: safetensors alone refuses them
-    convert.atomic_write_safetensors(tmp_path / "m.safetensors", shared)
-    back = convert.read_state_dict(tmp_path / "m.safetensors")
+    checkpoint.atomic_write_safetensors(tmp_path / "m.safetensors", shared)
+    back = checkpoint.read_state_dict(tmp_path / "m.safetensors")
     assert all(torch.equal(back[k], v) for k, v in shared.items())
     assert sorted(os.listdir(tmp_path)) == ["a.json", "m.safetensors"]
 
@@ -239,11 +241,11 @@ def test_missing_path(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_truncated_file(sd1_folder, tmp_path, suffix):
     full = tmp_path / f"full{suffix}"
-    weights = convert.read_state_dict(sd1_folder[0] / "unet" / "diffusion_pytorch_model.bin")
+    weights = checkpoint.read_state_dict(sd1_folder[0] / "unet" / "diffusion_pytorch_model.bin")
     if suffix == ".ckpt":
         torch.save({"state_dict": weights}, full)
     else:
-        convert.atomic_write_safetensors(full, weights)
+        checkpoint.atomic_write_safetensors(full, weights)
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=rf"cut\{suffix}: cannot be read as .*truncated"):
@@ -261,7 +263,7 @@ def test_random_bytes(tmp_path, suffix):
 
 def test_unknown_state_dict(tmp_path):
     f = tmp_path / "classifier.safetensors"
-    convert.atomic_write_safetensors(f, {"backbone.fc.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)})
+    checkpoint.atomic_write_safetensors(f, {"backbone.fc.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)})
     with pytest.raises(CheckpointError, match=r"classifier.safetensors: no Stable Diffusion U-Net .*"
                                               r"found 2 tensors: backbone.fc \(1\), head.bias \(1\)"):
         load_stable_diffusion(f)

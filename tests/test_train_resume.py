@@ -42,9 +42,10 @@ def test_resume_is_bit_exact(data_dir, vae_dir, tmp_path):
 def test_resume_latest_after_a_crash_while_writing(data_dir, vae_dir, tmp_path, monkeypatch):
     """A crash inside checkpoint writing leaves only a hidden temporary folder; --resume latest takes the
     previous complete checkpoint, cleans the leftover, and finishes the run like an uninterrupted one."""
+    import checkpoint
     import convert
     out = tmp_path / "run"
-    real, calls = convert.atomic_write_json, {"n": 0}
+    real, calls = checkpoint.atomic_write_json, {"n": 0}
 
     def crash_on_second_state(path, obj):
         if path.name == "training_state.json":
@@ -52,11 +53,13 @@ def test_resume_latest_after_a_crash_while_writing(data_dir, vae_dir, tmp_path, 
             if calls["n"] == 2:
                 raise KeyboardInterrupt("simulated crash while writing the step-4 checkpoint")
         return real(path, obj)
-    monkeypatch.setattr(convert, "atomic_write_json", crash_on_second_state)
+    for module in (checkpoint, convert):  # it lives in checkpoint.py; train.py may import it from either
+        monkeypatch.setattr(module, "atomic_write_json", crash_on_second_state)
     args = tiny_args(data_dir, out, vae_dir, "--steps", "6", "--checkpoint-every", "2")
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
-    monkeypatch.setattr(convert, "atomic_write_json", real)
+    for module in (checkpoint, convert):
+        monkeypatch.setattr(module, "atomic_write_json", real)
     ckpts = out / "checkpoints"
     assert [p.name for p in train.list_checkpoints(out)] == ["step_000002"]
     assert not (ckpts / "step_000004").exists() and (ckpts / ".tmp-step_000004").exists()
