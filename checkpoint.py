@@ -13,8 +13,8 @@ Here: CheckpointError (what every loader raises for a bad file, naming the file 
 atomic_write_json / atomic_write_safetensors, read_state_dict (a .safetensors file, or a torch pickle read with
 weights_only=True), read_checkpoint_dir (our folder -> (config, tensors)) and config_from_dict (a config
 dataclass back from its JSON dict). Building the modules and filling them is the callers' job: convert.py for
-Stable Diffusion (through the audit in audit.py), clue.py for the style encoder; train.py, eval.py and
-classifier.py write their own folders with the same atomic writers.
+Stable Diffusion (through the audit in audit.py), clue.py for the style encoder; training_state.py,
+train_vae.py, eval.py and classifier.py write their own folders with the same atomic writers.
 """
 from __future__ import annotations
 

@@ -9,11 +9,20 @@ style_encoder.py, schedulers.py) into one model with three jobs:
        L = E_{z0, c, eps, t} || target - f(z_t, t, c, s) ||^2        DDPM "simple" loss (Ho et al. 2020, eq. 14)
          + beta * KL(q(s|z0,c) || N(0, I))                          beta-VAE term (Higgins et al. 2017)
      or  + gamma * | KL(q(s|z0,c) || N(0, I)) - C |                 capacity objective (Burgess et al. 2018, eq. 8)
+         + lambda * MMD^2(q(s), N(0, I))                              optional, on the aggregated posterior q(s)
    with z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps, target eps or v (Salimans & Ho 2022),
    s = mu + sigma * eps_s (reparameterisation), the KL of a diagonal Gaussian
        KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)   per dimension,
    both terms as *means* (per latent element, per style dimension), optional min-SNR-gamma weights
    (Hang et al. 2023), and condition dropout for classifier-free guidance (Ho & Salimans 2022).
+   Why the MMD term: the KL above is per image; it bounds, but does not shape, the aggregated posterior
+   q(s) = E_x q(s|x), which is where unprompted prior draws have to land. A model can meet a small KL while
+   its styles spread along a few directions several times wider than N(0, I) (the demo did: eigenvalues ~10),
+   and then prior draws at tau = 1 explore a third of the styles. InfoVAE (Zhao et al. 2019) and WAE
+   (Tolstikhin et al. 2018) add a divergence between q(s) and p(s) for exactly this; with the polynomial
+   kernel k(x, y) = (1 + x.y)^2 the MMD is a distance between moments,
+       MMD^2 = || E_q[s s^T] - I ||_F^2 + 2 || E_q[s] ||^2,
+   estimated without bias from a batch and without drawing from the prior (StyleEncoder.prior_mmd).
 2. `generate`: DDIM (Song et al. 2021, eq. 12) with classifier-free guidance
        eps_hat = eps(z_t, c_neg, s) + w * (eps(z_t, c, s) - eps(z_t, c_neg, s))
    in ONE batched U-Net call per step; the style s comes from the prior N(0, tau^2 I) ("unprompted
@@ -21,8 +30,8 @@ style_encoder.py, schedulers.py) into one model with three jobs:
    Choice made here: BOTH halves of the guidance batch get the same style, so guidance acts on the
    text only and the style is never amplified by w; training matches it (text dropout keeps the style,
    style dropout is drawn independently of text dropout).
-3. Diagnostics of the style latent (KL per dimension, active units (Burda et al. 2016), distance of the
-   aggregated posterior from N(0, I), held-out denoising loss with four kinds of style) and save/load.
+3. The per-class style posteriors and the diagnostics of the style latent (computed in style_stats.py), kept
+   with the model, and save/load.
 
 Left out: img2img/inpainting, other samplers than DDIM, guidance rescale, LoRA. A CLUE without a style
 encoder (`style=None`) is plain Stable Diffusion: that is how sample.py does text-to-image.
@@ -41,13 +50,15 @@ from tqdm.auto import tqdm
 
 from convert import (SD_SAMPLER, CheckpointError, StableDiffusion, config_from_dict, is_style_param, load_audited,
                      load_stable_diffusion, save_stable_diffusion)
-from schedulers import DDIMSampler, NoiseSchedule
+import style_stats
+from schedulers import DDIMSampler, NoiseSchedule, randn_cpu
 from style_encoder import StyleConfig, StyleEncoder
 from text_encoder import TextConfig, TextEncoder
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 STYLE_MODES = ("prior", "posterior", "posterior_sample", "reference")
+POSTERIOR_TENSORS = ("mean", "var", "factors", "psi", "mus")  # per class, see CLUE.fit_style_posterior
 
 
 @dataclass
@@ -62,6 +73,7 @@ class CLUEConfig:
     gamma: float = 1.0                     # weight of |KL - C| in "capacity" mode
     capacity: float = 0.05                 # target KL C in nats per style dimension ("capacity" mode)
     capacity_ramp_steps: int = 1000        # C ramps linearly from 0 to `capacity` over these steps
+    mmd_weight: float = 0.0                # lambda: weight of MMD^2(q(s), N(0, I)) per style dimension; 0: off
     min_snr_gamma: float | None = None     # min-SNR-gamma loss weights (Hang et al. 2023; 5.0 is theirs); None: off
     text_dropout: float = 0.1              # probability that a training prompt is replaced by "" (for CFG)
     style_dropout: float = 0.1             # probability that the style branch is skipped for a training sample
@@ -85,12 +97,6 @@ def slerp(s0: torch.Tensor, s1: torch.Tensor, alpha: float) -> torch.Tensor:
     return (w0 * a + w1 * b).view_as(s0).to(s0.dtype)
 
 
-def _randn(shape, generator, device, dtype=torch.float32):
-    """Noise drawn on the CPU (with an optional CPU generator), then moved: the same seed gives the same
-    numbers on every device, as diffusers' randn_tensor does for a CPU generator."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-
-
 class CLUE(nn.Module):
     def __init__(self, vae: VAE, text_encoder: TextEncoder, unet: UNet, style_encoder: StyleEncoder | None,
                  schedule: NoiseSchedule, cfg: CLUEConfig, sampler_config: dict | None = None):
@@ -106,7 +112,8 @@ class CLUE(nn.Module):
         self.vae, self.text_encoder, self.unet, self.style_encoder = vae, text_encoder, unet, style_encoder
         self.schedule, self.cfg = schedule, cfg
         self.sampler_config = dict(sampler_config or SD_SAMPLER)  # DDIM steps_offset, set_alpha_to_one
-        # the aggregated posterior, per class (fit_style_posterior): {name: {"prompt", "mean", "var", "mus"}}
+        # the aggregated posterior, per class (fit_style_posterior): {name: {"prompt", "mean", "var", "factors", "psi",
+        # "mus"}}
         self.style_posterior: dict[str, dict] = {}
         self.last_diagnostics: dict | None = None  # the latest diagnostics(), saved with the checkpoint
         self.train_config: dict | None = None       # what save(extra=...) stored, e.g. the training settings
@@ -205,7 +212,8 @@ class CLUE(nn.Module):
         mse  = mean_b w_b * mean_elements (target - f(z_t, t, c', s'))^2                 (DDPM simple loss)
                w_b = min(SNR_t, gamma)/SNR_t (eps) or min(SNR_t, gamma)/(SNR_t + 1) (v)  (min-SNR, optional)
         kl   = mean over B,K,D of 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
-        loss = mse + beta_step * kl        or        mse + gamma * |kl - C_step|
+        loss = mse + beta_step * kl        or        mse + gamma * |kl - C_step|        (+ lambda * mmd)
+        mmd  = StyleEncoder.prior_mmd(s) on the batch's sampled styles (the aggregated posterior vs N(0, I))
         c' is "" with p=text_dropout; s' is skipped (style_scale 0 for that sample, exactly as style=None)
         with p=style_dropout; the style encoder always sees the real prompt. A dict batch may carry precomputed
         scaled latents under "latents" (the VAE is then skipped). All random draws come from `generator` (a CPU
@@ -222,17 +230,20 @@ class CLUE(nn.Module):
         else:
             unet_context = context
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator).to(dev)
-        eps = _randn(z0.shape, generator, dev, z0.dtype)
+        eps = randn_cpu(z0.shape, generator, dev, z0.dtype)
         z_t = self.schedule.q_sample(z0, t, eps)  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps (DDPM eq. 4)
         logs = {}
-        style, style_scale, kl = None, 1.0, torch.zeros((), device=dev)
+        style, style_scale, kl, mmd = None, 1.0, torch.zeros((), device=dev), torch.zeros((), device=dev)
         if self.style_encoder is not None:
             mu, logvar = self.encode_style(z0, context)
-            eps_s = _randn(mu.shape, generator, dev, mu.dtype)
+            eps_s = randn_cpu(mu.shape, generator, dev, mu.dtype)
             style = mu + torch.exp(0.5 * logvar) * eps_s  # reparameterisation s = mu + sigma * eps
             keep = (torch.rand(B, generator=generator) >= self.cfg.style_dropout).to(dev, z0.dtype)
             style_scale = keep[:, None, None]  # (B,) -> (B,1,1): 0 skips the style branch for that sample
             kl = self.style_encoder.kl(mu, logvar).mean()  # nats per style dimension
+            if self.cfg.mmd_weight > 0:
+                mmd = self.style_encoder.prior_mmd(style)
+                logs["mmd"] = mmd.item()
             logs["style_kept"] = keep.mean().item()
         pred = self.unet(z_t, t, unet_context, style=style, style_scale=style_scale)
         target = self.schedule.target(z0, eps, t)
@@ -248,9 +259,9 @@ class CLUE(nn.Module):
         if self.style_encoder is None:
             loss = mse
         elif self.cfg.kl_mode == "beta":
-            loss = mse + weight * kl
+            loss = mse + weight * kl + self.cfg.mmd_weight * mmd
         else:
-            loss = mse + weight * (kl - capacity).abs()
+            loss = mse + weight * (kl - capacity).abs() + self.cfg.mmd_weight * mmd
         logs.update(loss=loss.item(), mse=mse.item(), kl=kl.item(), kl_weight=weight, capacity=capacity,
                     text_dropped=drop_text.float().mean().item())
         return loss, logs
@@ -261,7 +272,7 @@ class CLUE(nn.Module):
                    generator: torch.Generator | None = None) -> torch.Tensor | None:
         """n style token sets (n,K,D) from one source:
         "prior": s ~ N(0, tau^2 I) (tau=0: the mean style, zeros); "posterior": the class's Gaussian fitted to the
-        training images' mu, s = mean + tau * std * eps; "posterior_sample": the mu of a random training image of
+        training images' mu (fit_style_posterior), its covariance scaled by tau^2; "posterior_sample": the mu of a random training image of
         the class; "reference": mu of the encoder on reference images in [-1,1] (with reference_prompts, default
         the generation prompts); a tensor (K,D) / (1|n,K,D): used as given; None: no style branch."""
         if mode is None:
@@ -276,7 +287,7 @@ class CLUE(nn.Module):
                 raise ValueError(f"a style tensor must be (K,D)=({K},{D}) or (1|{n},{K},{D}), got {tuple(mode.shape)}")
             return s.expand(n, K, D).contiguous()
         if mode == "prior":
-            return tau * _randn((n, K, D), generator, dev)
+            return tau * randn_cpu((n, K, D), generator, dev)
         if mode in ("posterior", "posterior_sample"):
             if not self.style_posterior:
                 raise ValueError("no style posterior in this model: run fit_style_posterior(loader) (train.py does "
@@ -289,11 +300,11 @@ class CLUE(nn.Module):
                 if str(name) not in self.style_posterior:
                     raise ValueError(f"class {name!r} not in the style posterior; known: "
                                      f"{sorted(self.style_posterior)}")
-                p = self.style_posterior[str(name)]
                 if mode == "posterior":
-                    out.append(p["mean"] + tau * p["var"].sqrt() * _randn((K, D), generator, "cpu"))
+                    out.append(style_stats.posterior_draw(self.style_posterior[str(name)], tau, generator))
                 else:
-                    out.append(p["mus"][torch.randint(len(p["mus"]), (1,), generator=generator).item()])
+                    mus = self.style_posterior[str(name)]["mus"]
+                    out.append(mus[torch.randint(len(mus), (1,), generator=generator).item()])
             return torch.stack(out).to(dev, torch.float32)
         if mode == "reference":
             if reference is None or reference_prompts is None:
@@ -335,7 +346,7 @@ class CLUE(nn.Module):
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
         if latents is None:  # DDIM's initial noise sigma is 1
-            latents = _randn((B, self.unet.cfg.in_channels, height // f, width // f), generator, dev)
+            latents = randn_cpu((B, self.unet.cfg.in_channels, height // f, width // f), generator, dev)
         x = latents.to(dev, torch.float32)
         style_gen = torch.Generator().manual_seed(style_seed) if style_seed is not None else generator
         s = self.make_style(style, B, tau=tau, classes=classes, reference=reference,
@@ -362,101 +373,18 @@ class CLUE(nn.Module):
         image = self.vae.decode(z / self.cfg.scale_factor).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
-    # ---------------------------------------------------------------- style statistics
-    @torch.no_grad()
-    def _encode_loader(self, loader, max_batches=None):
-        """Yield (z0 from the VAE mean, prompts, class names, context, mu, logvar) per batch."""
-        dataset = getattr(loader, "dataset", None)
-        while dataset is not None and not hasattr(dataset, "class_names"):  # through torch Subset wrappers
-            dataset = getattr(dataset, "dataset", None)
-        class_names = getattr(dataset, "class_names", None)
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            images, prompts, names = self.unpack(batch, class_names)
-            names = names if names is not None else prompts  # no class names: the prompt names the class
-            z0 = self.encode_images(images, sample=False)
-            c = self.encode_prompts(prompts)
-            mu, logvar = self.encode_style(z0, c) if self.style_encoder is not None else (None, None)
-            yield z0, prompts, [str(n) for n in names], c, mu, logvar
-
-    @torch.no_grad()
-    def fit_style_posterior(self, loader, max_batches: int | None = None) -> dict:
-        """Per class: mean and diagonal variance of the encoder's mu over the images, and every image's mu.
-        Stored in the model (and its checkpoint) for style='posterior' / 'posterior_sample'."""
-        if self.style_encoder is None:
-            raise ValueError("a model without style encoder has no style posterior")
-        mus, prompt_of = {}, {}
-        for _, prompts, names, _, mu, _ in self._encode_loader(loader, max_batches):
-            for name, prompt, m in zip(names, prompts, mu.float().cpu()):
-                mus.setdefault(name, []).append(m)
-                prompt_of.setdefault(name, prompt)
-        self.style_posterior = {}
-        for name in sorted(mus):
-            m = torch.stack(mus[name])  # (N,K,D)
-            self.style_posterior[name] = {"prompt": prompt_of[name], "mean": m.mean(0),
-                                          "var": m.var(0, unbiased=False), "mus": m}
+    # ---------------------------------------------------------------- style statistics (style_stats.py)
+    def fit_style_posterior(self, loader, max_batches: int | None = None, rank: int = 16) -> dict:
+        """Fit and keep (for style='posterior' / 'posterior_sample', saved with the checkpoint) the per-class
+        Gaussians of the aggregated posterior: style_stats.fit_class_posteriors."""
+        self.style_posterior = style_stats.fit_class_posteriors(self, loader, max_batches, rank)
         return self.style_posterior
 
-    @torch.no_grad()
     def diagnostics(self, loader, max_batches: int | None = None, seed: int = 0) -> dict:
-        """Style-latent health on (held-out) data; returns a flat dict of floats (None where not applicable).
-
-        kl_per_dim: mean over data and dimensions of KL(q(s|x) || N(0,1)); active_units: dimensions j with
-        Cov_x(E[s_j|x]) > 0.01 (Burda et al. 2016); agg_kl_per_dim: KL(N(m, v) || N(0, 1)) per dimension of the
-        moment-matched aggregated posterior (m = E_x mu, v = Var_x mu + E_x sigma^2); loss_{encoder,prior,
-        aggregate,none}: held-out denoising MSE with s = mu, s ~ N(0, I), s ~ aggregated posterior (the class
-        Gaussian of fit_style_posterior, else the moment-matched one) and no style, same t and noise for all."""
-        was_training = self.training
-        self.eval()
-        # pass 1: statistics of mu and sigma^2 over the data (cheap: no U-Net)
-        n, kl_sum, mu_sum, mu_sq, var_sum = 0, 0.0, 0.0, 0.0, 0.0
-        cache = []
-        for z0, prompts, names, _, mu, logvar in self._encode_loader(loader, max_batches):
-            cache.append((z0, prompts, names, mu))
-            n += len(z0)
-            if mu is not None:
-                mu64, lv64 = mu.double(), logvar.double()
-                kl_sum = kl_sum + self.style_encoder.kl(mu, logvar).double().sum(0)
-                mu_sum, mu_sq, var_sum = mu_sum + mu64.sum(0), mu_sq + (mu64 ** 2).sum(0), var_sum + lv64.exp().sum(0)
-        out = {"n_images": n, "style_dims": None, "kl_per_dim": None, "active_units": None,
-               "agg_kl_per_dim": None, "loss_encoder": None, "loss_prior": None, "loss_aggregate": None}
-        if self.style_encoder is not None:
-            m = mu_sum / n
-            cov_mu = mu_sq / n - m ** 2  # Var_x E[s|x], per dimension
-            v = cov_mu + var_sum / n
-            out.update(style_dims=m.numel(), kl_per_dim=(kl_sum / n).mean().item(),
-                       active_units=int((cov_mu > 0.01).sum().item()),
-                       agg_kl_per_dim=(0.5 * (v + m ** 2 - 1 - v.log())).mean().item())
-        # pass 2: held-out denoising loss, four kinds of style, identical t and eps
-        gen = torch.Generator().manual_seed(seed)
-        sums = {"none": 0.0, "encoder": 0.0, "prior": 0.0, "aggregate": 0.0}
-        for z0, prompts, names, mu in cache:
-            B, dev = len(z0), self.device
-            c = self.encode_prompts(prompts)
-            t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=gen).to(dev)
-            eps = _randn(z0.shape, gen, dev)
-            z_t, target = self.schedule.q_sample(z0, t, eps), self.schedule.target(z0, eps, t)
-            styles = {"none": None}
-            if mu is not None:
-                styles["encoder"] = mu
-                styles["prior"] = _randn(mu.shape, gen, dev)
-                noise = _randn(mu.shape, gen, dev)
-                if all(k in self.style_posterior for k in names):
-                    mean = torch.stack([self.style_posterior[k]["mean"] for k in names]).to(dev)
-                    std = torch.stack([self.style_posterior[k]["var"] for k in names]).to(dev).sqrt()
-                else:
-                    mean, std = m.float().to(dev), v.float().sqrt().to(dev)
-                styles["aggregate"] = mean + std * noise
-            for k, s in styles.items():
-                pred = self.unet(z_t, t, c, style=s).float()
-                sums[k] += (pred - target).pow(2).flatten(1).mean(1).sum().item()
-        for k, total in sums.items():
-            if k == "none" or self.style_encoder is not None:
-                out[f"loss_{k}"] = total / n
-        self.train(was_training)
-        self.last_diagnostics = out
-        return out
+        """Style-latent health on (held-out) data, kept as last_diagnostics (saved with the checkpoint):
+        style_stats.diagnostics."""
+        self.last_diagnostics = style_stats.diagnostics(self, loader, max_batches, seed)
+        return self.last_diagnostics
 
     # ---------------------------------------------------------------- save / load
     def as_stable_diffusion(self) -> StableDiffusion:
@@ -466,7 +394,7 @@ class CLUE(nn.Module):
 
     def save(self, path, extra: dict | None = None) -> None:
         """Our format (convert.save_stable_diffusion: model.safetensors, then config.json, each atomic) with the
-        CLUE parts added: `style_encoder.*` and `style_posterior.<i>.{mean,var,mus}` tensors; "style", "clue",
+        CLUE parts added: `style_encoder.*` and `style_posterior.<i>.{mean,var,factors,psi,mus}` tensors; "style", "clue",
         "style_posterior" (class names, prompts, counts), "diagnostics" and "train" (`extra`, e.g. the training
         settings) in config.json."""
         tensors = {}
@@ -474,7 +402,7 @@ class CLUE(nn.Module):
             tensors.update({f"style_encoder.{k}": v for k, v in self.style_encoder.state_dict().items()})
         classes = list(self.style_posterior)
         for i, name in enumerate(classes):
-            for key in ("mean", "var", "mus"):
+            for key in POSTERIOR_TENSORS:
                 tensors[f"style_posterior.{i}.{key}"] = self.style_posterior[name][key]
         config = {
             "style": asdict(self.style_encoder.cfg) if self.style_encoder is not None else None,
@@ -516,11 +444,13 @@ class CLUE(nn.Module):
         model = cls(sd.vae, sd.text_encoder, sd.unet, style_encoder, sd.schedule, clue_cfg, sd.sampler_config)
         post = extra.get("style_posterior") or {"classes": []}
         for i, name in enumerate(post["classes"]):
-            keys = [f"style_posterior.{i}.{k}" for k in ("mean", "var", "mus")]
+            keys = [f"style_posterior.{i}.{k}" for k in POSTERIOR_TENSORS]
             if any(k not in tensors for k in keys):
-                raise CheckpointError(f"{path}: style posterior of class {name!r} lacks tensors {keys}")
-            mean, var, mus = (tensors[k].float() for k in keys)
-            model.style_posterior[name] = {"prompt": post["prompts"][i], "mean": mean, "var": var, "mus": mus}
+                raise CheckpointError(f"{path}: style posterior of class {name!r} lacks tensors "
+                                      f"{[k for k in keys if k not in tensors]}; refit it: "
+                                      "model.fit_style_posterior(loader), then model.save(path)")
+            model.style_posterior[name] = {"prompt": post["prompts"][i],
+                                           **{k: tensors[key].float() for k, key in zip(POSTERIOR_TENSORS, keys)}}
         model.last_diagnostics = extra.get("diagnostics")
         model.train_config = extra.get("train")
         return model.to(device).eval()

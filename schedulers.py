@@ -135,6 +135,12 @@ def _leading_timesteps(num_train_timesteps: int, n: int, steps_offset: int) -> t
     return timesteps
 
 
+def randn_cpu(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) noise drawn on the CPU (from an optional CPU generator), then moved to `device`: the same seed gives
+    the same numbers on every device, as diffusers' randn_tensor does for a CPU generator."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
+
 def _variance_noise(x: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None) -> torch.Tensor:
     """z ~ N(0, I) shaped like x: the given `noise`, or drawn from `generator` on its own device."""
     if noise is not None and generator is not None:

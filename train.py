@@ -8,21 +8,24 @@ whose tokens feed a second cross-attention layer; the objective itself is `CLUE.
   from scratch (--preset tiny): phase 1 trains the tiny VAE (L1 + L2 reconstruction + a small KL, as the
       LDM autoencoders without their GAN/LPIPS terms; Rombach et al. 2022, Sec. 3.1) and sets its latent
       scale factor to 1/std of the latents (how SD's 0.18215 was chosen); phase 2 trains the U-Net and the
-      style encoder. The text encoder stays frozen here too, at its random initialisation, unless
-      --train-text-encoder: with fixed-format prompts it only has to tell a few class names apart, which
-      random features already do (training it costs ~15 % more per CPU step).
+      style encoder and the text encoder (everything but the VAE of phase 1; --no-train-text-encoder keeps the
+      random text features, which already tell a few fixed-format prompts apart, and saves ~15 % per CPU step).
 
 Optimisation: AdamW (Loshchilov & Hutter 2019), linear warm-up then cosine or constant learning rate,
 gradient clipping, gradient accumulation, an EMA of the weights (used for samples, diagnostics and the
 saved model), autocast on GPU (GradScaler for fp16). Multi-GPU: `torchrun` sets RANK / WORLD_SIZE /
 LOCAL_RANK; DistributedDataParallel averages gradients (nccl on GPU, gloo on CPU); rank 0 writes every file.
 
-A checkpoint is a folder `checkpoints/step_NNNNNN/` written under a temporary name and renamed into place
-(a crash leaves the previous checkpoints intact): `config.json` + `model.safetensors` (CLUE.save: the
-EMA weights, loadable by sample.py) and `training_state.safetensors` + `training_state.json` (raw weights,
-AdamW moments flattened to one tensor per parameter and moment, EMA, LR-schedule and GradScaler state,
-the torch / numpy / python RNG states of every rank, the data-loader position). No pickle anywhere.
-`--resume` restores all of it, so on CPU N + N steps give bit-identical weights to 2N uninterrupted steps.
+Checkpoints: `checkpoints/step_NNNNNN/` every --checkpoint-every steps, written atomically, the newest
+--checkpoints-total-limit kept. Each holds the EMA model (loadable by sample.py) and everything the run needs
+to go on: `--resume` continues it so that on CPU N + N steps give bit-identical weights to 2N uninterrupted steps.
+
+Here: the arguments, the model (build_model, select_trainable), the sample grids and the loop (train), top to
+bottom. Beside it:
+  training_state.py  what makes a run resumable and reproducible: the checkpoint format, save_checkpoint /
+                     load_training_state, RNG states, the data position, LR schedule, EMA, torchrun helpers
+  train_vae.py       phase 1 of --preset tiny: the tiny VAE
+  train_log.py       log.jsonl, vae_log.jsonl and loss_curve.png
 
 Left out: LoRA, prior preservation, multi-node launch helpers, data-loader worker RNG restoration
 (with --num-workers > 0 the order of images still resumes exactly, random crops/flips do not).
@@ -30,25 +33,30 @@ Left out: LoRA, prior preservation, multi-node launch helpers, data-loader worke
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, replace
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from audit import is_style_param
+from checkpoint import atomic_write_json
+from train_log import append_jsonl, plot_curves, read_jsonl
+from train_vae import load_vae, train_vae
+from training_state import (EMA, BatchStream, TrainingDiverged, all_reduce_sum, barrier, list_checkpoints,
+                            load_training_state, lr_factor, param_checksum, rng_preserved, save_checkpoint,
+                            seed_everything, setup_distributed, write_folder_atomically)
 
 EXAMPLES = """examples:
   # the demo (what demo.sh runs): a tiny CLUE on scikit-learn's digits, from scratch, on a CPU
@@ -94,7 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--style-layers", type=int, default=None, help="style encoder layers (default: its preset)")
     g.add_argument("--unet-channels", default=None, help="tiny preset: U-Net widths, e.g. 64,128")
     g.add_argument("--freeze-unet", action="store_true", help="train only the style encoder + style attention")
-    g.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
+    g.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the text encoder too (default: yes from scratch with --preset tiny, where it starts "
+                        "random; no with --model, where it is the pretrained CLIP)")
     g = p.add_argument_group("objective (CLUEConfig)")
     g.add_argument("--kl-mode", choices=("beta", "capacity"), default="capacity",
                    help="beta * KL, or gamma * |KL - C| (default capacity)")
@@ -103,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gamma", type=float, default=0.05, help="weight of |KL - C| in capacity mode")
     g.add_argument("--capacity", type=float, default=0.05, help="target KL C, nats per style dimension")
     g.add_argument("--capacity-ramp-steps", type=int, default=None, help="C ramps up over these (default steps/2)")
+    g.add_argument("--mmd-weight", type=float, default=0.0,
+                   help="lambda: weight of MMD^2(aggregated posterior, N(0, I)) per style dimension, which keeps "
+                        "prior draws at tau 1 on the styles of the data (StyleEncoder.prior_mmd; 0: off)")
     g.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR loss weighting (5.0 is common)")
     g.add_argument("--text-dropout", type=float, default=0.1, help="p(prompt -> '') for guidance")
     g.add_argument("--style-dropout", type=float, default=0.1, help="p(style branch skipped)")
@@ -153,7 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.freeze_unet and a.style_tokens == 0:
         p.error("--freeze-unet with --style-tokens 0 leaves nothing to train")
     a.grid_taus = [float(x) for x in a.grid_taus.split(",")]
-    for name, tiny, sd in (("resolution", 32, 512), ("steps", 2000, 10000), ("batch_size", 32, 4), ("lr", 1e-3, 1e-5)):
+    for name, tiny, sd in (("resolution", 32, 512), ("steps", 2000, 10000), ("batch_size", 32, 4), ("lr", 1e-3, 1e-5),
+                           ("train_text_encoder", True, False)):
         if getattr(a, name) is None:
             setattr(a, name, tiny if a.preset else sd)
     if min(a.steps, a.batch_size, a.grad_accum) < 1 or a.style_tokens < 0:
@@ -163,160 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf: training stops, nothing of that state is written."""
-
-
-# ------------------------------------------------------------------------------------ distributed
-def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment variables; one process without them."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-# ------------------------------------------------------------------------------------ schedules, EMA
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at an optimizer step: linear warm-up, then constant or half a cosine
-    from 1 down to min_ratio (Loshchilov & Hutter 2017, SGDR without restarts)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class EMA:
-    """Exponential moving average of parameters: shadow <- decay * shadow + (1 - decay) * param, with the
-    warm-up decay min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the random init."""
-
-    def __init__(self, named_params: dict[str, torch.Tensor], decay: float):
-        self.decay, self.updates = decay, 0
-        self.shadow = {n: p.detach().clone() for n, p in named_params.items()}
-
-    @torch.no_grad()
-    def update(self, named_params: dict[str, torch.Tensor]):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for n, p in named_params.items():
-            self.shadow[n].lerp_(p.detach(), 1 - d)
-
-    @contextmanager
-    def applied(self, named_params: dict[str, torch.Tensor]):
-        """Temporarily put the averaged weights into the model (samples, diagnostics, saving)."""
-        backup = {n: p.detach().clone() for n, p in named_params.items()}
-        with torch.no_grad():
-            for n, p in named_params.items():
-                p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in named_params.items():
-                    p.copy_(backup[n])
-
-
-# ------------------------------------------------------------------------------------ RNG state
-def get_rng_state(device) -> tuple[dict, dict]:
-    """(tensors, json) of the torch (+CUDA), numpy and python generators of this process."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-               "python": torch.tensor(py_internal, dtype=torch.int64)}
-    if device.type == "cuda":
-        tensors["cuda"] = torch.cuda.get_rng_state(device)
-    return tensors, {"numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)],
-                     "python": [py_version, py_gauss]}
-
-
-def set_rng_state(tensors: dict, meta: dict, device) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["cuda"], device)
-    name, pos, has_gauss, gauss = meta["numpy"]
-    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate((meta["python"][0], tuple(tensors["python"].tolist()), meta["python"][1]))
-
-
-@contextmanager
-def rng_preserved(device):
-    """Run side work (sample grids, diagnostics) without moving the training random streams."""
-    state = get_rng_state(device)
-    try:
-        yield
-    finally:
-        set_rng_state(*state, device)
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------------ data
-class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (a permutation seeded by seed + epoch, every rank its own shard) that can
-    start part-way into an epoch: the resumed run sees exactly the images the interrupted one would have."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_position(self, epoch: int, skip: int):
-        self.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-class BatchStream:
-    """Endless batches over epochs; (epoch, batches taken in this epoch) is the position a checkpoint stores."""
-
-    def __init__(self, dataset, batch_size, rank, world, seed, num_workers):
-        self.sampler = ResumableSampler(dataset, world, rank, seed)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-        self.batch_size, self.epoch, self.taken, self.it = batch_size, 0, 0, None
-        if len(self.sampler) // batch_size == 0:
-            raise SystemExit(f"train.py: {len(dataset)} images give no full batch of {batch_size} per process "
-                             f"({world} process(es)); lower --batch-size")
-
-    def __next__(self):
-        while True:
-            if self.it is None:
-                self.sampler.set_position(self.epoch, self.taken * self.batch_size)
-                self.it = iter(self.loader)
-            try:
-                batch = next(self.it)
-                self.taken += 1
-                return batch
-            except StopIteration:
-                self.epoch, self.taken, self.it = self.epoch + 1, 0, None
-
-
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -330,165 +191,6 @@ def build_dataset(data_arg, template, args, limit=None):
         raise SystemExit(f"train.py: --data {data_arg}: {e}") from None
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-def write_folder_atomically(final: Path, fill) -> None:
-    """fill(tmp) writes a whole folder under a temporary name; it is then renamed to `final` (atomic)."""
-    tmp = final.parent / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    old = final.parent / f".old-{final.name}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(output: Path) -> list[Path]:
-    found = [d for d in (output / "checkpoints").glob("step_*")
-             if d.name[5:].isdigit() and (d / "training_state.json").is_file()]
-    return sorted(found, key=lambda d: int(d.name[5:]))
-
-
-def flatten_optimizer(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
-    """AdamW state -> ({"optim.<param name>.<exp_avg|exp_avg_sq|step>": tensor}, JSON param groups)."""
-    sd = opt.state_dict()
-    tensors = {f"optim.{names[i]}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def unflatten_optimizer(opt, names: list[str], tensors: dict, meta: dict):
-    state = {}
-    for i, n in enumerate(names):
-        moments = {k[len(f"optim.{n}."):]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
-        if moments:
-            state[i] = moments
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ------------------------------------------------------------------------------------ log and plots
-def append_jsonl(path: Path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def plot_curves(output: Path):
-    """loss_curve.png: VAE reconstruction (phase 1), diffusion loss, KL per style dimension vs step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    vae, log = read_jsonl(output / "vae_log.jsonl"), [r for r in read_jsonl(output / "log.jsonl") if "mse" in r]
-    panels = [p for p in (("VAE (phase 1)", vae, ("loss", "l1", "l2")), ("diffusion", log, ("loss", "mse")),
-                          ("style KL", log, ("kl", "capacity"))) if p[1] and any(p[2][0] in r for r in p[1])]
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
-    for ax, (title, rows, keys) in zip(axes[0], panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-            if pts and (k != "capacity" or any(v for _, v in pts)):  # no capacity line in beta mode
-                ax.plot(*zip(*pts), label=k)
-        ax.set(title=title, xlabel="step", yscale="log" if title != "style KL" else "linear")
-        ax.set_ylabel("nats / dimension" if title == "style KL" else "loss")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = output / ".loss_curve.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, output / "loss_curve.png")
-
-
-# ------------------------------------------------------------------------------------ phase 1: tiny VAE
-class VAEObjective(nn.Module):
-    """Phase 1 loss, means per element: |x - D(z)| + (x - D(z))^2 + kl_weight * KL(q(z|x) || N(0, I)),
-    z ~ q(z|x): the LDM autoencoder objective (Rombach et al. 2022, Sec. 3.1) without LPIPS and GAN terms."""
-
-    def __init__(self, vae, kl_weight: float):
-        super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
-
-    def forward(self, x):
-        posterior = self.vae.encode(x)
-        error = self.vae.decode(posterior.sample()) - x
-        l1, l2 = error.abs().mean(), error.pow(2).mean()
-        kl = posterior.kl().mean() / posterior.mean[0].numel()  # (B,) sums -> nats per latent element
-        return l1 + l2 + self.kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
-
-
-def train_vae(args, dataset, rank, world, device, output: Path):
-    """Train the tiny VAE, set scale_factor = 1/std(latents), save it to output/vae; returns the VAE."""
-    from convert import atomic_write_json, atomic_write_safetensors
-    from sample import make_grid
-    from vae import VAE, VAEConfig
-    seed_everything(args.seed)
-    vae = VAE(VAEConfig.tiny()).to(device)
-    seed_everything(args.seed + rank)
-    objective = VAEObjective(vae, args.vae_kl_weight)
-    net = DDP(objective) if world > 1 else objective
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    warmup = max(1, min(50, args.vae_steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, args.vae_steps, "cosine", 0.05))
-    stream = BatchStream(dataset, args.vae_batch_size, rank, world, args.seed, args.num_workers)
-    (output / "vae_log.jsonl").unlink(missing_ok=True)
-    t0, bar = time.time(), tqdm(range(args.vae_steps), desc="phase 1: VAE", disable=rank != 0)
-    for step in bar:
-        loss, logs = net(next(stream)["image"].to(device))
-        if not math.isfinite(all_reduce_sum([loss.item()], device)[0]):
-            raise TrainingDiverged(f"VAE step {step}: loss {loss.item()} ({logs}); lower --vae-lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(l1=f"{logs['l1']:.4f}", kl=f"{logs['kl']:.2f}")
-        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.vae_steps):
-            append_jsonl(output / "vae_log.jsonl", {"step": step + 1, "loss": loss.item(), **logs,
-                                                    "seconds": round(time.time() - t0, 2)})
-    vae.eval()
-    with torch.no_grad():  # SD's 0.18215 is 1/std of its latents; ours is measured the same way
-        picks = torch.linspace(0, len(dataset) - 1, min(512, len(dataset))).long().tolist()  # every class
-        images = torch.stack([dataset[i]["image"] for i in picks]).to(device)
-        z = torch.cat([vae.encode(images[i:i + 64]).mean for i in range(0, len(images), 64)])
-        vae.cfg.scale_factor = float(1.0 / z.float().std())
-        recon = torch.cat([vae(images[i:i + 64]) for i in range(0, len(images), 64)])
-        l1 = (recon - images).abs().mean().item()
-    if rank == 0:
-        info = {"steps": args.vae_steps, "seconds": round(time.time() - t0, 1), "recon_l1": l1,
-                "scale_factor": vae.cfg.scale_factor}
-
-        def fill(tmp):
-            atomic_write_safetensors(tmp / "model.safetensors", {f"vae.{k}": v for k, v in vae.state_dict().items()})
-            atomic_write_json(tmp / "config.json", {"format": "clue-pytorch", "version": 1, "vae": asdict(vae.cfg),
-                                                    "scale_factor": vae.cfg.scale_factor, "train": info})
-        write_folder_atomically(output / "vae", fill)
-        pairs = torch.cat([images[::32][:16], recon[::32][:16]]).clamp(-1, 1) / 2 + 0.5
-        make_grid(pairs.cpu(), 16).save(output / "vae_recon.png")  # top: data, bottom: reconstructions
-        print(f"phase 1: VAE trained in {info['seconds']} s, held-in L1 {l1:.4f}, scale_factor "
-              f"{vae.cfg.scale_factor:.4f} -> {output / 'vae'}")
-    barrier()
-    return vae
-
-
-def load_vae(path):
-    """The VAE of a folder in our format (train.py's vae/, a CLUE checkpoint or a converted SD folder)."""
-    from convert import config_from_dict, read_checkpoint_dir
-    from vae import VAE, VAEConfig
-    config, tensors = read_checkpoint_dir(path)
-    if "vae" not in config:
-        raise SystemExit(f"train.py: --vae {path}: config.json has no 'vae' entry")
-    vae = VAE(config_from_dict(VAEConfig, config["vae"], "vae"))
-    vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
-    vae.cfg.scale_factor = float(config.get("scale_factor", vae.cfg.scale_factor))
-    return vae
-
-
 # ------------------------------------------------------------------------------------ model
 def build_model(args, dataset, rank, world, device, output: Path):
     """A fresh CLUE: on converted SD weights (--model) or the tiny preset (phase 1 VAE + random rest)."""
@@ -496,7 +198,7 @@ def build_model(args, dataset, rank, world, device, output: Path):
     from style_encoder import StyleConfig
     objective = dict(kl_mode=args.kl_mode, beta=args.beta, beta_warmup_steps=args.beta_warmup_steps,
                      gamma=args.gamma, capacity=args.capacity, capacity_ramp_steps=args.capacity_ramp_steps,
-                     min_snr_gamma=args.min_snr_gamma, text_dropout=args.text_dropout,
+                     mmd_weight=args.mmd_weight, min_snr_gamma=args.min_snr_gamma, text_dropout=args.text_dropout,
                      style_dropout=args.style_dropout, image_size=args.resolution)
     sizes = {k: v for k, v in (("width", args.style_width), ("layers", args.style_layers)) if v}
 
@@ -527,9 +229,8 @@ def build_model(args, dataset, rank, world, device, output: Path):
 
 
 def select_trainable(clue, args) -> dict[str, nn.Parameter]:
-    """VAE frozen; text encoder frozen unless --train-text-encoder; U-Net trained unless --freeze-unet (then
-    only its style layers); the style encoder always."""
-    from convert import is_style_param
+    """VAE frozen; text encoder trained with --train-text-encoder (default for --preset tiny); U-Net trained unless
+    --freeze-unet (then only its style layers); the style encoder always."""
     for name, p in clue.named_parameters():
         part = name.split(".")[0]
         train = {"vae": False, "text_encoder": args.train_text_encoder,
@@ -589,93 +290,6 @@ def sample_grid(clue, prompts: list[str], names: list[str], args, path: Path, so
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path.with_suffix(".tmp.png"))
     os.replace(path.with_suffix(".tmp.png"), path)
-
-
-def style_spread(clue) -> list[float] | None:
-    """Top eigenvalues of Cov_x(mu) over the training images (from the fitted posterior). N(0, I) has 1 in
-    every direction; values >> 1 mean the style lives in a few directions wider than the prior, which prior
-    draws under-explore (a per-dimension diagnostic cannot see this)."""
-    if not clue.style_posterior:
-        return None
-    mus = torch.cat([p["mus"].flatten(1) for p in clue.style_posterior.values()]).double()  # (N, K*D)
-    return [round(v, 3) for v in torch.linalg.eigvalsh(torch.cov(mus.T)).flip(0)[:5].tolist()]
-
-
-def param_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------ training state
-def save_checkpoint(path: Path, clue, trainable, opt, sched, scaler, ema, stream, step, args, info, rank, world,
-                    device):
-    """Collective (every rank hands over its RNG state); rank 0 writes the folder atomically."""
-    from convert import atomic_write_json, atomic_write_safetensors
-    states = [get_rng_state(device)]
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, get_rng_state(device))
-    if rank != 0:
-        return
-
-    def fill(tmp: Path):
-        with ema.applied(trainable) if ema else nullcontext():
-            clue.save(tmp, extra=info)  # config.json + model.safetensors: what sample.py loads
-        tensors = {f"param.{n}": p for n, p in trainable.items()}
-        opt_tensors, opt_meta = flatten_optimizer(opt, list(trainable))
-        tensors.update(opt_tensors)
-        tensors.update({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
-        for r, (rng_tensors, _) in enumerate(states):
-            tensors.update({f"rng.{r}.{k}": v.cpu() for k, v in rng_tensors.items()})
-        atomic_write_safetensors(tmp / "training_state.safetensors", tensors)
-        atomic_write_json(tmp / "training_state.json", {  # written last: marks a complete checkpoint
-            "step": step, "world_size": world, "optimizer": opt_meta, "lr_schedule": sched.state_dict(),
-            "grad_scaler": scaler.state_dict() or None, "ema_updates": ema.updates if ema else None,
-            "data_position": {"epoch": stream.epoch, "batches_taken": stream.taken, "batch_size": args.batch_size},
-            "rng": [meta for _, meta in states], "diagnostics": clue.last_diagnostics, "args": vars(args)})
-    write_folder_atomically(path, fill)
-    for old in list_checkpoints(path.parent.parent)[:-args.checkpoints_total_limit or None]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_training_state(ckpt: Path, trainable, opt, sched, scaler, ema, stream, args, rank, world, device) -> int:
-    """Restore everything save_checkpoint wrote (the model itself came from CLUE.load); returns the step."""
-    from safetensors.torch import load_file
-    meta = json.loads((ckpt / "training_state.json").read_text())
-    tensors = load_file(str(ckpt / "training_state.safetensors"))
-    missing = [n for n in trainable if f"param.{n}" not in tensors]
-    if missing:
-        raise SystemExit(f"train.py: {ckpt} holds no training state for {len(missing)} trainable parameters "
-                         f"({missing[:3]}...): resume with the flags it was trained with (--freeze-unet, "
-                         "--train-text-encoder, --style-tokens)")
-    with torch.no_grad():
-        for n, p in trainable.items():
-            p.copy_(tensors[f"param.{n}"])
-    unflatten_optimizer(opt, list(trainable), tensors, meta["optimizer"])
-    sched.load_state_dict(meta["lr_schedule"])
-    if meta["grad_scaler"]:
-        scaler.load_state_dict(meta["grad_scaler"])
-    if ema is not None and meta["ema_updates"] is not None:
-        ema.shadow = {n: tensors[f"ema.{n}"].to(device) for n in trainable}
-        ema.updates = meta["ema_updates"]
-    stream.epoch, stream.taken = meta["data_position"]["epoch"], meta["data_position"]["batches_taken"]
-    changed = {k: (v, getattr(args, k, None)) for k, v in meta["args"].items()
-               if k not in ("resume", "steps", "output", "checkpoint_every", "sample_every", "log_every",
-                            "checkpoints_total_limit", "dump_param_checksum") and getattr(args, k, None) != v}
-    if changed and rank == 0:
-        print(f"warning: resuming with other settings than {ckpt} was trained with (saved, now): {changed}")
-    if meta["world_size"] == world:
-        set_rng_state({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{rank}.")},
-                      meta["rng"][rank], device)
-    else:
-        if rank == 0:
-            print(f"warning: {ckpt} was written by {meta['world_size']} processes, this run has {world}: "
-                  "data order and noise draws differ from an uninterrupted run")
-        seed_everything(args.seed + rank + meta["step"])
-    return meta["step"]
 
 
 def mean_logs(logs: list[dict]) -> dict:
@@ -848,11 +462,9 @@ def train(args, rank, world, device) -> dict:
                            "final_posterior_diagnostics_grid_save": round(time.time() - t0, 1),
                            "total": round(time.time() - t_start, 1)},
                "trained_parameters": n_train, "diagnostics": clue.last_diagnostics,
-               "style_mu_covariance_top_eigenvalues": style_spread(clue),
                "outputs": {"final_model": str(output / "final"), "grid": str(output / "samples.png"),
                            "loss_curve": str(output / "loss_curve.png"), "log": str(log_file)}}
     if rank == 0:
-        from convert import atomic_write_json
         atomic_write_json(output / "summary.json", summary)
         print(json.dumps(summary, indent=1))
     barrier()

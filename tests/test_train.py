@@ -1,4 +1,5 @@
-"""train.py: the pieces (LR schedule, EMA, optimizer flattening, RNG state) and whole tiny runs on CPU.
+"""train.py: the pieces (LR schedule, EMA, optimizer flattening, RNG state: training_state.py) and whole tiny
+runs on CPU.
 
 Whole runs use tiny synthetic class folders drawn with PIL and a tiny model (U-Net 32/32, style encoder
 width 32, one layer); each takes seconds. Resume and torchrun have their own files (test_train_resume.py,
@@ -14,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import train
+import training_state
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -92,16 +94,16 @@ def vae_dir(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ pieces
 def test_lr_schedule_warmup_cosine_constant():
-    f = [train.lr_factor(s, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for s in range(111)]
+    f = [training_state.lr_factor(s, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for s in range(111)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)          # linear warm-up to the peak
     assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)       # half-way down the cosine
     assert f[110] == pytest.approx(0.1) and all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert train.lr_factor(500, 10, 110, "constant", 0.1) == 1.0
+    assert training_state.lr_factor(500, 10, 110, "constant", 0.1) == 1.0
 
 
 def test_ema_matches_the_formula_and_swaps_back():
     p = {"w": torch.zeros(3)}
-    ema = train.EMA(p, decay=0.9)
+    ema = training_state.EMA(p, decay=0.9)
     expected = torch.zeros(3)
     for n in range(1, 6):
         p["w"] = torch.full((3,), float(n))
@@ -112,7 +114,7 @@ def test_ema_matches_the_formula_and_swaps_back():
     print(f"EMA vs formula max abs err {err:.2e}")
     assert err < 1e-6
     param = torch.nn.Parameter(torch.ones(3))
-    ema2 = train.EMA({"w": param}, 0.5)
+    ema2 = training_state.EMA({"w": param}, 0.5)
     ema2.shadow["w"] = torch.full((3,), 7.0)
     with ema2.applied({"w": param}):
         assert torch.equal(param.data, torch.full((3,), 7.0))
@@ -128,14 +130,14 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
         opt.step()
         opt.zero_grad()
     names = [n for n, _ in net.named_parameters()]
-    tensors, meta = train.flatten_optimizer(opt, names)
+    tensors, meta = training_state.flatten_optimizer(opt, names)
     assert set(tensors) == {f"optim.{n}.{k}" for n in names for k in ("step", "exp_avg", "exp_avg_sq")}
     tensors = {k: v.clone() for k, v in tensors.items()}         # as read back from disk
     meta = json.loads(json.dumps(meta))                          # through JSON, as on disk
     twin = torch.nn.Linear(4, 3)
     twin.load_state_dict(net.state_dict())
     opt2 = torch.optim.AdamW(twin.parameters(), lr=5.0)
-    train.unflatten_optimizer(opt2, names, tensors, meta)
+    training_state.unflatten_optimizer(opt2, names, tensors, meta)
     x = torch.randn(5, 4)
     for model, o in ((net, opt), (twin, opt2)):
         model(x).pow(2).mean().backward()
@@ -145,10 +147,10 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
 
 
 def test_rng_state_round_trip():
-    state = train.get_rng_state(torch.device("cpu"))
+    state = training_state.get_rng_state(torch.device("cpu"))
     state = (state[0], json.loads(json.dumps(state[1])))
     first = (torch.rand(3), np.random.rand(3), random.random())
-    train.set_rng_state(*state, torch.device("cpu"))
+    training_state.set_rng_state(*state, torch.device("cpu"))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 
@@ -226,6 +228,24 @@ def test_fine_tune_freezes_vae_and_text_encoder(data_dir, vae_dir, tmp_path):
     after = CLUE.load(tmp_path / "ft2" / "final").state_dict()
     moved_unet = [k for k in after if k.startswith("unet.") and not torch.equal(before[k], after[k])]
     assert moved_unet and all(is_style_param(k) for k in moved_unet)
+
+
+def test_text_encoder_trains_from_scratch_and_stays_frozen_when_fine_tuning(tmp_path):
+    """DESIGN: from scratch (--preset tiny) everything but the phase-1 VAE trains, the text encoder included;
+    on public weights (--model) the text encoder is frozen; both can be overridden."""
+    from clue import CLUE, CLUEConfig
+    from style_encoder import StyleConfig
+    from unet import UNetConfig
+    model = CLUE.from_config(unet=UNetConfig.tiny(block_channels=(32, 32), num_heads=(2, 2)),
+                             style=StyleConfig.tiny(), clue=CLUEConfig.tiny())
+    text = {n for n, _ in model.named_parameters() if n.startswith("text_encoder.")}
+    for extra, trains_text in (([], True), (["--no-train-text-encoder"], False)):
+        names = set(train.select_trainable(model, train.parse_args(tiny_args("digits", tmp_path, None, *extra))))
+        assert (text <= names) == trains_text and not (text & names) == trains_text
+        assert not any(n.startswith("vae.") for n in names) and any(n.startswith("style_encoder.") for n in names)
+    for extra, trains_text in (([], False), (["--train-text-encoder"], True)):
+        argv = ["--data", "digits", "--model", str(tmp_path / "sd"), "--output", str(tmp_path / "o"), *extra]
+        assert train.parse_args(argv).train_text_encoder == trains_text
 
 
 def test_nan_loss_stops_with_a_clear_message_and_writes_nothing(data_dir, vae_dir, tmp_path, monkeypatch):

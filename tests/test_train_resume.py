@@ -42,10 +42,9 @@ def test_resume_is_bit_exact(data_dir, vae_dir, tmp_path):
 def test_resume_latest_after_a_crash_while_writing(data_dir, vae_dir, tmp_path, monkeypatch):
     """A crash inside checkpoint writing leaves only a hidden temporary folder; --resume latest takes the
     previous complete checkpoint, cleans the leftover, and finishes the run like an uninterrupted one."""
-    import checkpoint
-    import convert
+    import training_state
     out = tmp_path / "run"
-    real, calls = checkpoint.atomic_write_json, {"n": 0}
+    real, calls = training_state.atomic_write_json, {"n": 0}
 
     def crash_on_second_state(path, obj):
         if path.name == "training_state.json":
@@ -53,13 +52,13 @@ def test_resume_latest_after_a_crash_while_writing(data_dir, vae_dir, tmp_path, 
             if calls["n"] == 2:
                 raise KeyboardInterrupt("simulated crash while writing the step-4 checkpoint")
         return real(path, obj)
-    for module in (checkpoint, convert):  # it lives in checkpoint.py; train.py may import it from either
-        monkeypatch.setattr(module, "atomic_write_json", crash_on_second_state)
+    # the name save_checkpoint calls: training_state.py imports it from checkpoint.py
+    monkeypatch.setattr(training_state, "atomic_write_json", crash_on_second_state)
     args = tiny_args(data_dir, out, vae_dir, "--steps", "6", "--checkpoint-every", "2")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         train.main(args)
-    for module in (checkpoint, convert):
-        monkeypatch.setattr(module, "atomic_write_json", real)
+    assert calls["n"] == 2  # the patch took effect: step 2 written, step 4 interrupted
+    monkeypatch.setattr(training_state, "atomic_write_json", real)
     ckpts = out / "checkpoints"
     assert [p.name for p in train.list_checkpoints(out)] == ["step_000002"]
     assert not (ckpts / "step_000004").exists() and (ckpts / ".tmp-step_000004").exists()
