@@ -110,10 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="beta * KL, or gamma * |KL - C| (default capacity)")
     g.add_argument("--beta", type=float, default=1e-2, help="weight of the KL per dimension in beta mode")
     g.add_argument("--beta-warmup-steps", type=int, default=0, help="beta ramps up over these steps")
-    g.add_argument("--gamma", type=float, default=0.05, help="weight of |KL - C| in capacity mode")
-    g.add_argument("--capacity", type=float, default=0.05, help="target KL C, nats per style dimension")
+    g.add_argument("--gamma", type=float, default=0.2, help="weight of |KL - C| in capacity mode")
+    g.add_argument("--capacity", type=float, default=0.1, help="target KL C, nats per style dimension")
     g.add_argument("--capacity-ramp-steps", type=int, default=None, help="C ramps up over these (default steps/2)")
-    g.add_argument("--mmd-weight", type=float, default=0.0,
+    g.add_argument("--mmd-weight", type=float, default=0.1,
                    help="lambda: weight of MMD^2(aggregated posterior, N(0, I)) per style dimension, which keeps "
                         "prior draws at tau 1 on the styles of the data (StyleEncoder.prior_mmd; 0: off)")
     g.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR loss weighting (5.0 is common)")
@@ -148,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--checkpoints-total-limit", type=int, default=3, help="keep the newest N checkpoints")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder, or 'latest' in --output")
-    g.add_argument("--grid-taus", default="0,1,1,2,2,3,3,3",
+    g.add_argument("--grid-taus", default="0,1,1,1,1,1,2,3",
                    help="grid columns: style temperature tau of each prior draw s ~ N(0, tau^2 I) (fixed seeds; "
                         "vanilla: columns are noise seeds)")
     g.add_argument("--grid-steps", type=int, default=25, help="DDIM steps of the grid")

@@ -37,6 +37,9 @@ def plot_curves(output: Path):
             pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
             if pts and (k != "capacity" or any(v for _, v in pts)):  # no capacity line in beta mode
                 ax.plot(*zip(*pts), label=k)
+            if k == "mmd" and len(pts) > 10:  # the first steps (a random encoder, MMD ~ 20) would flatten the rest
+                later = [v for _, v in pts[len(pts) // 10:]]
+                ax.set_ylim(min(later) - 0.1 * abs(min(later)), 1.2 * max(later))
         ax.set(title=title, xlabel="step", yscale="linear" if title.startswith("style") else "log")
         ax.set_ylabel({"style KL": "nats / dimension", "style MMD to N(0, I)": "per dimension"}.get(title, "loss"))
         ax.legend(fontsize=8)
