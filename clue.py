@@ -236,8 +236,7 @@ class CLUE(nn.Module):
         style, style_scale, kl, mmd = None, 1.0, torch.zeros((), device=dev), torch.zeros((), device=dev)
         if self.style_encoder is not None:
             mu, logvar = self.encode_style(z0, context)
-            eps_s = randn_cpu(mu.shape, generator, dev, mu.dtype)
-            style = mu + torch.exp(0.5 * logvar) * eps_s  # reparameterisation s = mu + sigma * eps
+            style = self.style_encoder.sample(mu, logvar, eps=randn_cpu(mu.shape, generator, dev, mu.dtype))
             keep = (torch.rand(B, generator=generator) >= self.cfg.style_dropout).to(dev, z0.dtype)
             style_scale = keep[:, None, None]  # (B,) -> (B,1,1): 0 skips the style branch for that sample
             kl = self.style_encoder.kl(mu, logvar).mean()  # nats per style dimension

@@ -149,10 +149,12 @@ class StyleEncoder(nn.Module):
         return mu, logvar
 
     @staticmethod
-    def sample(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
         """Reparameterised draw s = mu + sigma * eps, eps ~ N(0, I), sigma = exp(logvar / 2) (K&W Sec. 2.4).
-        `generator` must live on mu's device."""
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps is drawn from `generator` (on mu's device) unless given (clue.py draws it on the CPU)."""
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps
 
     @staticmethod
