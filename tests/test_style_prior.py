@@ -166,3 +166,23 @@ def test_loss_adds_the_mmd_term_on_the_sampled_styles(folder):
     assert b.item() == pytest.approx(a.item() + 0.5 * logs_b["mmd"], rel=1e-6)
     b.backward()  # the term reaches the style encoder
     assert with_mmd.style_encoder.to_mu.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_without_the_low_rank_posterior_asks_for_a_refit(folder, tmp_path):
+    """A checkpoint whose style posterior lacks tensors (e.g. written before factors/psi existed) is refused
+    with the missing keys and what to do, not loaded half-way."""
+    from safetensors.torch import load_file, save_file
+
+    from clue import CLUE
+    from convert import CheckpointError
+    model = small_clue()
+    model.fit_style_posterior(folder)
+    model.save(tmp_path / "ckpt")
+    back = CLUE.load(tmp_path / "ckpt")
+    for name, p in model.style_posterior.items():
+        assert all(torch.equal(back.style_posterior[name][k], p[k]) for k in ("mean", "var", "factors", "psi", "mus"))
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith((".factors", ".psi"))},
+              tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"style_posterior\.0\.factors.*fit_style_posterior"):
+        CLUE.load(tmp_path / "ckpt")
