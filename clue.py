@@ -112,8 +112,7 @@ class CLUE(nn.Module):
         self.vae, self.text_encoder, self.unet, self.style_encoder = vae, text_encoder, unet, style_encoder
         self.schedule, self.cfg = schedule, cfg
         self.sampler_config = dict(sampler_config or SD_SAMPLER)  # DDIM steps_offset, set_alpha_to_one
-        # the aggregated posterior, per class (fit_style_posterior): {name: {"prompt", "mean", "var", "factors", "psi",
-        # "mus"}}
+        # the aggregated posterior per class (fit_style_posterior): {name: {"prompt", *POSTERIOR_TENSORS}}
         self.style_posterior: dict[str, dict] = {}
         self.last_diagnostics: dict | None = None  # the latest diagnostics(), saved with the checkpoint
         self.train_config: dict | None = None       # what save(extra=...) stored, e.g. the training settings
@@ -257,10 +256,9 @@ class CLUE(nn.Module):
         weight, capacity = self.kl_weight(step)
         if self.style_encoder is None:
             loss = mse
-        elif self.cfg.kl_mode == "beta":
-            loss = mse + weight * kl + self.cfg.mmd_weight * mmd
         else:
-            loss = mse + weight * (kl - capacity).abs() + self.cfg.mmd_weight * mmd
+            kl_term = weight * kl if self.cfg.kl_mode == "beta" else weight * (kl - capacity).abs()
+            loss = mse + kl_term + self.cfg.mmd_weight * mmd
         logs.update(loss=loss.item(), mse=mse.item(), kl=kl.item(), kl_weight=weight, capacity=capacity,
                     text_dropped=drop_text.float().mean().item())
         return loss, logs
@@ -271,9 +269,10 @@ class CLUE(nn.Module):
                    generator: torch.Generator | None = None) -> torch.Tensor | None:
         """n style token sets (n,K,D) from one source:
         "prior": s ~ N(0, tau^2 I) (tau=0: the mean style, zeros); "posterior": the class's Gaussian fitted to the
-        training images' mu (fit_style_posterior), its covariance scaled by tau^2; "posterior_sample": the mu of a random training image of
-        the class; "reference": mu of the encoder on reference images in [-1,1] (with reference_prompts, default
-        the generation prompts); a tensor (K,D) / (1|n,K,D): used as given; None: no style branch."""
+        training images' styles (fit_style_posterior), its covariance scaled by tau^2; "posterior_sample": the mu
+        of a random training image of the class; "reference": mu of the encoder on reference images in [-1,1]
+        (with reference_prompts, default the generation prompts); a tensor (K,D) / (1|n,K,D): used as given;
+        None: no style branch."""
         if mode is None:
             return None
         if self.style_encoder is None:
@@ -393,9 +392,9 @@ class CLUE(nn.Module):
 
     def save(self, path, extra: dict | None = None) -> None:
         """Our format (convert.save_stable_diffusion: model.safetensors, then config.json, each atomic) with the
-        CLUE parts added: `style_encoder.*` and `style_posterior.<i>.{mean,var,factors,psi,mus}` tensors; "style", "clue",
-        "style_posterior" (class names, prompts, counts), "diagnostics" and "train" (`extra`, e.g. the training
-        settings) in config.json."""
+        CLUE parts added: `style_encoder.*` and `style_posterior.<i>.{mean,var,factors,psi,mus}` tensors; "style",
+        "clue", "style_posterior" (class names, prompts, counts), "diagnostics" and "train" (`extra`, e.g. the
+        training settings) in config.json."""
         tensors = {}
         if self.style_encoder is not None:
             tensors.update({f"style_encoder.{k}": v for k, v in self.style_encoder.state_dict().items()})
