@@ -103,8 +103,8 @@ def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) ->
     model.eval()
     # pass 1: the encoder over the data (cheap: no U-Net)
     cache, mus, kl_sum, var_sum = [], [], 0.0, 0.0
-    for z0, prompts, names, _, mu, logvar in encode_dataset(model, loader, max_batches):
-        cache.append((z0, prompts, names, mu))
+    for z0, _, names, c, mu, logvar in encode_dataset(model, loader, max_batches):
+        cache.append((z0, c, names, mu))  # the prompts' context is reused in pass 2, not encoded again
         if mu is not None:
             mus.append(mu.double().flatten(1).cpu())                        # (B,K,D) -> (B,d)
             kl_sum = kl_sum + model.style_encoder.kl(mu, logvar).double().sum(0)
@@ -117,12 +117,13 @@ def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) ->
         X = torch.cat(mus)                                                  # (N,d)
         d, m = X.shape[1], X.mean(0)
         sigma2 = var_sum / n                                                # E_x sigma^2, (d,)
-        Sigma = torch.cov(X.T, correction=0).view(d, d) + torch.diag(sigma2)  # (d,d)
+        cov_mu = torch.cov(X.T, correction=0).view(d, d)                    # Cov_x(mu), (d,d)
+        Sigma = cov_mu + torch.diag(sigma2)
         v = Sigma.diagonal()
-        M = X.T @ X / n + torch.diag(sigma2)                                # E[s s^T] of the mixture
+        M = Sigma + torch.outer(m, m)                                       # E[s s^T] of the mixture
         eig = torch.linalg.eigvalsh(Sigma)
         out.update(style_dims=d, kl_per_dim=(kl_sum / n).mean().item(),
-                   active_units=int((X.var(0, unbiased=False) > 0.01).sum().item()),
+                   active_units=int((cov_mu.diagonal() > 0.01).sum().item()),
                    agg_kl_per_dim=(0.5 * (eig.sum() + m @ m - d - eig.log().sum()) / d).item(),
                    agg_kl_diag_per_dim=(0.5 * (v + m ** 2 - 1 - v.log())).mean().item(),
                    agg_top_eigenvalues=[round(x, 3) for x in eig.flip(0)[:5].tolist()],
@@ -131,9 +132,8 @@ def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) ->
     # pass 2: held-out denoising loss, four kinds of style, identical t and eps
     gen = torch.Generator().manual_seed(seed)
     sums = {"none": 0.0, "encoder": 0.0, "prior": 0.0, "aggregate": 0.0}
-    for z0, prompts, names, mu in cache:
+    for z0, c, names, mu in cache:
         B, dev = len(z0), model.device
-        c = model.encode_prompts(prompts)
         t = torch.randint(0, model.schedule.num_train_timesteps, (B,), generator=gen).to(dev)
         eps = randn_cpu(z0.shape, gen, dev)
         z_t, target = model.schedule.q_sample(z0, t, eps), model.schedule.target(z0, eps, t)
