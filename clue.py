@@ -38,27 +38,38 @@ encoder (`style=None`) is plain Stable Diffusion: that is how sample.py does tex
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from convert import (SD_SAMPLER, CheckpointError, StableDiffusion, config_from_dict, is_style_param, load_audited,
-                     load_stable_diffusion, save_stable_diffusion)
 import style_stats
-from schedulers import DDIMSampler, NoiseSchedule, randn_cpu
+from schedulers import SD_SAMPLER, DDIMSampler, NoiseSchedule, randn_cpu
 from style_encoder import StyleConfig, StyleEncoder
 from text_encoder import TextConfig, TextEncoder
-from unet import UNet, UNetConfig
+from unet import UNet, UNetConfig, is_style_param
 from vae import VAE, VAEConfig
 
 STYLE_MODES = ("prior", "posterior", "posterior_sample", "reference")
 POSTERIOR_TENSORS = ("mean", "var", "factors", "psi", "mus")  # per class, see CLUE.fit_style_posterior
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNet
+    vae: VAE
+    text_encoder: TextEncoder
+    schedule: NoiseSchedule         # betas / alpha_bar of training, with the prediction type
+    prediction_type: str            # "epsilon" or "v_prediction": what the U-Net outputs
+    scale_factor: float             # latents fed to the U-Net are vae.encode(x) * scale_factor (SD: 0.18215)
+    image_size: int = 512           # native resolution in pixels (512: SD 1.x / 2.x-base; 768: SD 2.x-v)
+    sampler_config: dict = field(default_factory=lambda: dict(SD_SAMPLER))  # DDIM steps_offset, set_alpha_to_one
+    source: str = ""                # what was read: "diffusers folder", "single file (SD 2.x, ...)", ...
+    notes: list = field(default_factory=list)           # conversion report: ignored keys, defaults taken
+    extra_config: dict = field(default_factory=dict)    # our format: config entries beyond SD (style, clue, ...)
+    extra_tensors: dict = field(default_factory=dict)   # our format: tensors beyond SD (style_encoder.*, ...)
 
 
 @dataclass
@@ -389,66 +400,3 @@ class CLUE(nn.Module):
         """The SD parts of this model as convert.py's StableDiffusion (shares the modules, copies nothing)."""
         return StableDiffusion(self.unet, self.vae, self.text_encoder, self.schedule, self.cfg.prediction_type,
                                self.cfg.scale_factor, self.cfg.image_size, dict(self.sampler_config), "CLUE")
-
-    def save(self, path, extra: dict | None = None) -> None:
-        """Our format (convert.save_stable_diffusion: model.safetensors, then config.json, each atomic) with the
-        CLUE parts added: `style_encoder.*` and `style_posterior.<i>.{mean,var,factors,psi,mus}` tensors; "style",
-        "clue", "style_posterior" (class names, prompts, counts), "diagnostics" and "train" (`extra`, e.g. the
-        training settings) in config.json."""
-        tensors = {}
-        if self.style_encoder is not None:
-            tensors.update({f"style_encoder.{k}": v for k, v in self.style_encoder.state_dict().items()})
-        classes = list(self.style_posterior)
-        for i, name in enumerate(classes):
-            for key in POSTERIOR_TENSORS:
-                tensors[f"style_posterior.{i}.{key}"] = self.style_posterior[name][key]
-        config = {
-            "style": asdict(self.style_encoder.cfg) if self.style_encoder is not None else None,
-            "clue": asdict(self.cfg),
-            "style_posterior": {"classes": classes, "prompts": [self.style_posterior[c]["prompt"] for c in classes],
-                                "counts": [len(self.style_posterior[c]["mus"]) for c in classes]},
-            "diagnostics": self.last_diagnostics, "train": extra,
-        }
-        save_stable_diffusion(self.as_stable_diffusion(), path, extra_config=config, extra_tensors=tensors)
-
-    @classmethod
-    def load(cls, path, device="cpu") -> "CLUE":
-        """A CLUE checkpoint folder written by save(). Plain SD weights: convert.load_stable_diffusion +
-        CLUE.from_stable_diffusion (sample.py's load_model does either)."""
-        path = Path(path)
-        config_file = path / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        if "clue" not in config:
-            raise CheckpointError(f"{path}: not a CLUE checkpoint (no 'clue' section in {config_file}); for plain SD "
-                                  "weights use convert.load_stable_diffusion and CLUE.from_stable_diffusion")
-        sd = load_stable_diffusion(path)  # U-Net, VAE, text encoder: audited by convert.py
-        extra, tensors = sd.extra_config, dict(sd.extra_tensors)
-        clue_cfg = config_from_dict(CLUEConfig, extra["clue"], f"{config_file} [clue]")
-        style_cfg = config_from_dict(StyleConfig, extra["style"], f"{config_file} [style]") if extra["style"] else None
-        if sd.unet.cfg.style != (style_cfg is not None):
-            raise CheckpointError(f"{config_file}: unet.style={sd.unet.cfg.style} but style="
-                                  f"{'a StyleConfig' if style_cfg else None}: the checkpoint is inconsistent")
-        if style_cfg is not None:  # the style layers must come from the file, not from their initialisation
-            with safe_open(path / "model.safetensors", "pt") as f:
-                stored = set(f.keys())
-            absent = [f"unet.{k}" for k in sd.unet.state_dict() if is_style_param(k) and f"unet.{k}" not in stored]
-            if absent:
-                raise CheckpointError(f"{path}: the U-Net's style layers are missing from model.safetensors: "
-                                      f"{absent[:6]}{' ...' if len(absent) > 6 else ''}")
-        style_encoder = StyleEncoder(style_cfg) if style_cfg is not None else None
-        if style_encoder is not None:
-            style_sd = {k[len("style_encoder."):]: v for k, v in tensors.items() if k.startswith("style_encoder.")}
-            load_audited(style_encoder, style_sd, "style encoder (style_encoder.*)", path)
-        model = cls(sd.vae, sd.text_encoder, sd.unet, style_encoder, sd.schedule, clue_cfg, sd.sampler_config)
-        post = extra.get("style_posterior") or {"classes": []}
-        for i, name in enumerate(post["classes"]):
-            keys = [f"style_posterior.{i}.{k}" for k in POSTERIOR_TENSORS]
-            if any(k not in tensors for k in keys):
-                raise CheckpointError(f"{path}: style posterior of class {name!r} lacks tensors "
-                                      f"{[k for k in keys if k not in tensors]}; refit it: "
-                                      "model.fit_style_posterior(loader), then model.save(path)")
-            model.style_posterior[name] = {"prompt": post["prompts"][i],
-                                           **{k: tensors[key].float() for k, key in zip(POSTERIOR_TENSORS, keys)}}
-        model.last_diagnostics = extra.get("diagnostics")
-        model.train_config = extra.get("train")
-        return model.to(device).eval()

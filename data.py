@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -54,6 +55,10 @@ DIGITS_PROMPT = "a handwritten digit {class}"      # the demo dataset's prompt f
 DIGITS_SIZE = 32                                  # demo images are 32x32 -> 8x8x4 latents with the tiny VAE
 DIGITS_FORMAT_VERSION = 1                         # bump when the way digits are written changes
 DIGITS_ARGS = ("digits", "digits:train", "digits:test")  # --data values that mean the demo dataset
+
+
+class DataError(ValueError):
+    """A data folder or image the user gave that cannot be used; the message names it and says what to do."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -223,6 +228,24 @@ class ClassFolderDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------
 # The built-in demo dataset: scikit-learn's handwritten digits
 # ----------------------------------------------------------------------------------------------------
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3,H,W) in [0,1] -> 8-bit RGB, rounding as diffusers' numpy_to_pil does (x * 255, round)."""
+    a = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(a.permute(1, 2, 0).numpy())
+
+
+def make_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
+    """(N,3,H,W) in [0,1] -> one image, ncol per row, white padding."""
+    n, _, h, w = images.shape
+    nrow = math.ceil(n / ncol)
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y:y + h, x:x + w] = np.asarray(to_pil(images[i]))
+    return Image.fromarray(canvas)
+
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """`cache_dir`, else $CLUE_CACHE, else ~/.cache/clue."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from data import make_grid, to_pil
 
 EXAMPLES = """examples:
   # plain text-to-image from Stable Diffusion weights (diffusers folder or single file)
@@ -118,30 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_model(path, device="cpu", prediction_type=None):
     """(CLUE model, "clue" | "sd"): a CLUE checkpoint, or SD weights wrapped as a CLUE without style branch."""
     from clue import CLUE
+    from checkpoint import load_clue
     from convert import load_stable_diffusion
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file() and "clue" in json.loads(cfg_file.read_text()):
-        return CLUE.load(path, device=device), "clue"
+        return load_clue(path, device=device), "clue"
     sd = load_stable_diffusion(path, prediction_type=prediction_type)
     return CLUE.from_stable_diffusion(sd, style_cfg=None).to(device).eval(), "sd"
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3,H,W) in [0,1] -> 8-bit RGB, rounding as diffusers' numpy_to_pil does (x * 255, round)."""
-    a = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(a.permute(1, 2, 0).numpy())
-
-
-def make_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
-    """(N,3,H,W) in [0,1] -> one image, ncol per row, white padding."""
-    n, _, h, w = images.shape
-    nrow = math.ceil(n / ncol)
-    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y:y + h, x:x + w] = np.asarray(to_pil(images[i]))
-    return Image.fromarray(canvas)
 
 
 def load_reference(path, height, width) -> torch.Tensor:

@@ -39,6 +39,9 @@ import math
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Every SD 1.x / 2.x release trains with this schedule and samples with these DDIM settings.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_SAMPLER = dict(steps_offset=1, set_alpha_to_one=False)
 
 
 class NoiseSchedule:

@@ -50,11 +50,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from audit import is_style_param
-from checkpoint import atomic_write_json
-from train_log import append_jsonl, plot_curves, read_jsonl
-from train_vae import load_vae, train_vae
-from training_state import (EMA, BatchStream, TrainingDiverged, all_reduce_sum, barrier, list_checkpoints,
+from checkpoint import atomic_write_json, load_clue, save_clue
+from unet import is_style_param
+from training_state import (append_jsonl, plot_curves, read_jsonl, load_vae, train_vae, EMA, BatchStream, TrainingDiverged, all_reduce_sum, barrier, list_checkpoints,
                             load_training_state, lr_factor, param_checksum, rng_preserved, save_checkpoint,
                             seed_everything, setup_distributed, write_folder_atomically)
 
@@ -258,7 +256,7 @@ def sample_grid(clue, prompts: list[str], names: list[str], args, path: Path, so
     embeddings); "posterior_sample": each cell the mu of a random training image of its class (the aggregated
     posterior). Vanilla (no style branch): columns are noise seeds."""
     from PIL import Image, ImageDraw
-    from sample import make_grid
+    from data import make_grid
     f = 2 ** (len(clue.vae.cfg.block_channels) - 1)
     rows, cols, C, h = len(prompts), len(args.grid_taus), clue.unet.cfg.in_channels, args.resolution // f
     gen = torch.Generator().manual_seed(args.seed)
@@ -309,7 +307,6 @@ def main(argv=None) -> dict:
 
 
 def train(args, rank, world, device) -> dict:
-    from clue import CLUE
     from data import default_prompt_template
     if args.mixed_precision != "no" and device.type != "cuda":
         raise SystemExit("train.py: --mixed-precision bf16/fp16 is for GPUs; on the CPU use --mixed-precision no")
@@ -336,7 +333,7 @@ def train(args, rank, world, device) -> dict:
 
     # 1. the model: fresh (phase 1 VAE for the tiny preset) or from the checkpoint
     t0 = time.time()
-    clue = CLUE.load(resume) if resume else build_model(args, dataset, rank, world, device, output)
+    clue = load_clue(resume) if resume else build_model(args, dataset, rank, world, device, output)
     t_build = time.time() - t0
     clue.to(device)
     clue.unet.cfg.gradient_checkpointing = args.gradient_checkpointing  # read by UNet.forward
@@ -453,7 +450,7 @@ def train(args, rank, world, device) -> dict:
     side_work(True, output / "samples.png", final=True)
     if rank == 0:
         with ema.applied(trainable) if ema else nullcontext():
-            write_folder_atomically(output / "final", lambda tmp: clue.save(tmp, extra=info))
+            write_folder_atomically(output / "final", lambda tmp: save_clue(clue, tmp, extra=info))
     if args.dump_param_checksum:  # every rank: replicas must hold the same weights
         sums = {"params": param_checksum(trainable), "ema": param_checksum(ema.shadow) if ema else None}
         (output / f"param_checksum.rank{rank}.json").write_text(json.dumps(sums))

@@ -25,16 +25,23 @@ import math
 import os
 import random
 import shutil
+import time
+from dataclasses import asdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
 
-from checkpoint import atomic_write_json, atomic_write_safetensors
+from checkpoint import atomic_write_json, atomic_write_safetensors, config_from_dict, read_checkpoint_dir, save_clue
+from data import make_grid
+from vae import VAE, VAEConfig
 
 
 # ------------------------------------------------------------------------------------ processes (torchrun)
@@ -242,7 +249,7 @@ def save_checkpoint(path: Path, clue, trainable, opt, sched, scaler, ema, stream
 
     def fill(tmp: Path):
         with ema.applied(trainable) if ema else nullcontext():
-            clue.save(tmp, extra=info)  # config.json + model.safetensors: what sample.py loads
+            save_clue(clue, tmp, extra=info)  # config.json + model.safetensors: what sample.py loads
         tensors = {f"param.{n}": p for n, p in trainable.items()}
         opt_tensors, opt_meta = flatten_optimizer(opt, list(trainable))
         tensors.update(opt_tensors)
@@ -261,7 +268,7 @@ def save_checkpoint(path: Path, clue, trainable, opt, sched, scaler, ema, stream
 
 
 def load_training_state(ckpt: Path, trainable, opt, sched, scaler, ema, stream, args, rank, world, device) -> int:
-    """Restore everything save_checkpoint wrote (the model itself came from CLUE.load); returns the step."""
+    """Restore everything save_checkpoint wrote (the model itself came from load_clue); returns the step."""
     meta = json.loads((ckpt / "training_state.json").read_text())
     tensors = load_file(str(ckpt / "training_state.safetensors"))
     missing = [n for n in trainable if f"param.{n}" not in tensors]
@@ -302,3 +309,124 @@ def param_checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ the run's log files
+def append_jsonl(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_curves(output: Path):
+    """loss_curve.png: VAE reconstruction (phase 1), diffusion loss, KL per style dimension and (with
+    --mmd-weight) the MMD of the batch styles to N(0, I), against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    vae, log = read_jsonl(output / "vae_log.jsonl"), [r for r in read_jsonl(output / "log.jsonl") if "mse" in r]
+    panels = [p for p in (("VAE (phase 1)", vae, ("loss", "l1", "l2")), ("diffusion", log, ("loss", "mse")),
+                          ("style KL", log, ("kl", "capacity")), ("style MMD to N(0, I)", log, ("mmd",)))
+              if p[1] and any(p[2][0] in r for r in p[1])]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, rows, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if pts and (k != "capacity" or any(v for _, v in pts)):  # no capacity line in beta mode
+                ax.plot(*zip(*pts), label=k)
+            if k == "mmd" and len(pts) > 10:  # the first steps (a random encoder, MMD ~ 20) would flatten the rest
+                later = [v for _, v in pts[len(pts) // 10:]]
+                ax.set_ylim(min(later) - 0.1 * abs(min(later)), 1.2 * max(later))
+        ax.set(title=title, xlabel="step", yscale="linear" if title.startswith("style") else "log")
+        ax.set_ylabel({"style KL": "nats / dimension", "style MMD to N(0, I)": "per dimension"}.get(title, "loss"))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = output / ".loss_curve.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, output / "loss_curve.png")
+
+
+# ------------------------------------------------------------------------------------ phase 1: the tiny VAE
+class VAEObjective(nn.Module):
+    """Phase 1 loss, means per element: |x - D(z)| + (x - D(z))^2 + kl_weight * KL(q(z|x) || N(0, I)),
+    z ~ q(z|x): the LDM autoencoder objective (Rombach et al. 2022, Sec. 3.1) without LPIPS and GAN terms."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, x):
+        posterior = self.vae.encode(x)
+        error = self.vae.decode(posterior.sample()) - x
+        l1, l2 = error.abs().mean(), error.pow(2).mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # (B,) sums -> nats per latent element
+        return l1 + l2 + self.kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+
+
+def train_vae(args, dataset, rank, world, device, output: Path):
+    """Train the tiny VAE, set scale_factor = 1/std(latents), save it to output/vae; returns the VAE."""
+    seed_everything(args.seed)
+    vae = VAE(VAEConfig.tiny()).to(device)
+    seed_everything(args.seed + rank)
+    objective = VAEObjective(vae, args.vae_kl_weight)
+    net = DDP(objective) if world > 1 else objective
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    warmup = max(1, min(50, args.vae_steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, args.vae_steps, "cosine", 0.05))
+    stream = BatchStream(dataset, args.vae_batch_size, rank, world, args.seed, args.num_workers)
+    (output / "vae_log.jsonl").unlink(missing_ok=True)
+    t0, bar = time.time(), tqdm(range(args.vae_steps), desc="phase 1: VAE", disable=rank != 0)
+    for step in bar:
+        loss, logs = net(next(stream)["image"].to(device))
+        if not math.isfinite(all_reduce_sum([loss.item()], device)[0]):
+            raise TrainingDiverged(f"VAE step {step}: loss {loss.item()} ({logs}); lower --vae-lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(l1=f"{logs['l1']:.4f}", kl=f"{logs['kl']:.2f}")
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.vae_steps):
+            append_jsonl(output / "vae_log.jsonl", {"step": step + 1, "loss": loss.item(), **logs,
+                                                    "seconds": round(time.time() - t0, 2)})
+    vae.eval()
+    with torch.no_grad():  # SD's 0.18215 is 1/std of its latents; ours is measured the same way
+        picks = torch.linspace(0, len(dataset) - 1, min(512, len(dataset))).long().tolist()  # every class
+        images = torch.stack([dataset[i]["image"] for i in picks]).to(device)
+        z = torch.cat([vae.encode(images[i:i + 64]).mean for i in range(0, len(images), 64)])
+        vae.cfg.scale_factor = float(1.0 / z.float().std())
+        recon = torch.cat([vae(images[i:i + 64]) for i in range(0, len(images), 64)])
+        l1 = (recon - images).abs().mean().item()
+    if rank == 0:
+        info = {"steps": args.vae_steps, "seconds": round(time.time() - t0, 1), "recon_l1": l1,
+                "scale_factor": vae.cfg.scale_factor}
+
+        def fill(tmp):
+            atomic_write_safetensors(tmp / "model.safetensors", {f"vae.{k}": v for k, v in vae.state_dict().items()})
+            atomic_write_json(tmp / "config.json", {"format": "clue-pytorch", "version": 1, "vae": asdict(vae.cfg),
+                                                    "scale_factor": vae.cfg.scale_factor, "train": info})
+        write_folder_atomically(output / "vae", fill)
+        pairs = torch.cat([images[::32][:16], recon[::32][:16]]).clamp(-1, 1) / 2 + 0.5
+        make_grid(pairs.cpu(), 16).save(output / "vae_recon.png")  # top: data, bottom: reconstructions
+        print(f"phase 1: VAE trained in {info['seconds']} s, held-in L1 {l1:.4f}, scale_factor "
+              f"{vae.cfg.scale_factor:.4f} -> {output / 'vae'}")
+    barrier()
+    return vae
+
+
+def load_vae(path):
+    """The VAE of a folder in our format (train.py's vae/, a CLUE checkpoint or a converted SD folder)."""
+    config, tensors = read_checkpoint_dir(path)
+    if "vae" not in config:
+        raise SystemExit(f"train.py: --vae {path}: config.json has no 'vae' entry")
+    vae = VAE(config_from_dict(VAEConfig, config["vae"], "vae"))
+    vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+    vae.cfg.scale_factor = float(config.get("scale_factor", vae.cfg.scale_factor))
+    return vae

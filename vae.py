@@ -53,15 +53,6 @@ class VAEConfig:
         return cls(**{**dict(block_channels=(32, 64, 64), layers_per_block=1), **kw})
 
 
-def to_diffusers_config(cfg: VAEConfig) -> dict:
-    """The keyword arguments of diffusers' AutoencoderKL that build the same network (parity tests)."""
-    n = len(cfg.block_channels)
-    return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
-                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_block,
-                norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scale_factor)
-
-
 class DiagonalGaussian:
     """q(z|x) = N(mean, exp(logvar)), per element. logvar is clamped to [-30, 20] as in ldm."""
 

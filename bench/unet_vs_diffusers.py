@@ -28,7 +28,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from unet import UNet, UNetConfig, to_diffusers_config  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from reference import unet_to_diffusers  # noqa: E402 (tests/reference.py)
+from unet import UNet, UNetConfig  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,7 +68,7 @@ def make_config(args):
 def build(which, cfg, device):
     from diffusers import UNet2DConditionModel
     if which == "diffusers":
-        return UNet2DConditionModel(**to_diffusers_config(cfg)).to(device)
+        return UNet2DConditionModel(**unet_to_diffusers(cfg)).to(device)
     return UNet(cfg).to(device)
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clue import CLUE, CLUEConfig, slerp
-from convert import CheckpointError, load_stable_diffusion, save_stable_diffusion
+from checkpoint import CheckpointError, load_clue, save_clue, save_stable_diffusion
+from convert import load_stable_diffusion
 from data import ClassFolderDataset
 from style_encoder import StyleConfig
 from unet import UNetConfig
@@ -360,8 +361,8 @@ def test_save_load_same_generation(trained, data, tmp_path):
     _, loader = data
     model.fit_style_posterior(loader)
     model.diagnostics(loader)
-    model.save(tmp_path / "ckpt", extra={"prompt_template": PROMPT})
-    back = CLUE.load(tmp_path / "ckpt")
+    save_clue(model, tmp_path / "ckpt", extra={"prompt_template": PROMPT})
+    back = load_clue(tmp_path / "ckpt")
     assert back.train_config == {"prompt_template": PROMPT} and back.last_diagnostics == model.last_diagnostics
     assert sorted(back.style_posterior) == sorted(model.style_posterior)
     for name in model.style_posterior:
@@ -380,16 +381,16 @@ def test_load_refuses_wrong_checkpoints(trained, sd_dir, tmp_path):
     model, _, _, _ = trained
     with pytest.raises(CheckpointError, match="not a CLUE checkpoint"):  # a plain SD folder in our format
         save_stable_diffusion(load_stable_diffusion(sd_dir[0]), tmp_path / "sd")
-        CLUE.load(tmp_path / "sd")
+        load_clue(tmp_path / "sd")
     with pytest.raises(CheckpointError, match="not a CLUE checkpoint"):  # a diffusers folder
-        CLUE.load(sd_dir[0])
-    model.save(tmp_path / "ok")
+        load_clue(sd_dir[0])
+    save_clue(model, tmp_path / "ok")
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     cfg["style"]["width"] = 32  # the config of a different style encoder than the weights
     (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="style_encoder"):
-        CLUE.load(tmp_path / "ok")
+        load_clue(tmp_path / "ok")
     cfg["style"]["width"], cfg["unet"]["block_channels"] = 64, [64, 128]  # a different U-Net than the weights
     (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape"):
-        CLUE.load(tmp_path / "ok")
+        load_clue(tmp_path / "ok")

@@ -13,10 +13,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import audit
 import checkpoint
 import convert
-from convert import CheckpointError, load_stable_diffusion, save_stable_diffusion
+import unet
+from checkpoint import CheckpointError, save_stable_diffusion
+from convert import load_stable_diffusion
 
 TOL = 1e-4
 # Tiny configs in the two SD flavours (widths multiple of 32 for GroupNorm(32); head counts as SD's rules give:
@@ -198,7 +199,7 @@ def test_style_branch_kept_or_dropped(sd2_folder, tmp_path):
     """style=True adds the zero-initialised CLUE branch; our format keeps trained style weights; style=False
     drops them."""
     sd = load_stable_diffusion(sd2_folder[0], style=True)
-    style_keys = [k for k in sd.unet.state_dict() if audit.is_style_param(k)]
+    style_keys = [k for k in sd.unet.state_dict() if unet.is_style_param(k)]
     assert style_keys and all(".attn_style." in k or ".norm_style." in k for k in style_keys)
     d = inputs(64)
     s = torch.randn(2, 4, 64)
@@ -206,7 +207,7 @@ def test_style_branch_kept_or_dropped(sd2_folder, tmp_path):
         plain = sd.unet(d["x"], d["t"], d["context"])
         assert torch.equal(plain, sd.unet(d["x"], d["t"], d["context"], style=s))  # zero-init output projection
         for k, p in sd.unet.named_parameters():
-            if audit.is_style_param(k):
+            if unet.is_style_param(k):
                 p.add_(0.01 * torch.randn_like(p))  # as if trained
     style_encoder = {"style_encoder.head.weight": torch.randn(3, 3)}
     save_stable_diffusion(sd, tmp_path / "clue", extra_config={"style": {"tokens": 4}}, extra_tensors=style_encoder)

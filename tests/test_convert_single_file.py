@@ -1,4 +1,4 @@
-"""convert.py / convert_ldm.py on original single files (the CompVis / Stability "ldm" layout), SD 1.x and SD 2.x.
+"""convert.py on original single files (the CompVis / Stability "ldm" layout), SD 1.x and SD 2.x.
 
 The files are made by turning tiny random diffusers / transformers / open_clip models into the ldm
 layout with a small writer below, and the writer is CHECKED with diffusers' own single-file converters
@@ -17,7 +17,8 @@ from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, conve
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from convert import CheckpointError, load_stable_diffusion
+from checkpoint import CheckpointError
+from convert import load_stable_diffusion
 from test_convert import SD1, SD2, assert_matches, tiny_models, tiny_sdxl_unet
 
 
@@ -248,7 +249,7 @@ def test_full_size_layouts_on_meta_device(kind):
     sd21() presets, every key maps, and the parameter counts equal the reference models'."""
     from diffusers import AutoencoderKL
 
-    import convert_ldm
+    import convert
     from text_encoder import TextConfig
     from unet import UNetConfig
     from vae import VAEConfig
@@ -268,7 +269,7 @@ def test_full_size_layouts_on_meta_device(kind):
                                                 num_hidden_layers=23, hidden_act="gelu", projection_dim=1024))
         back = convert_ldm_unet_checkpoint(ckpt, dict(unet.config))  # the writer, checked at full size
         assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in unet.state_dict().items()}
-        sd = convert_ldm.from_ldm_state_dict(ckpt, f"meta {kind}")
+        sd = convert.from_ldm_state_dict(ckpt, f"meta {kind}")
     presets = (UNetConfig.sd15(style=False), TextConfig.sd15()) if kind == "sd1" else \
         (UNetConfig.sd21(style=False), TextConfig.sd21())
     assert (sd.unet.cfg, sd.vae.cfg, sd.text_encoder.cfg) == (presets[0], VAEConfig.sd(), presets[1])

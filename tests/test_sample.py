@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import sample
+from checkpoint import save_clue
 from clue import CLUE, CLUEConfig
 from style_encoder import StyleConfig
 from test_clue import PROMPT, SMALL_UNET, build_tiny_sd_pipeline, make_image_folder
@@ -57,7 +58,7 @@ def clue_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = CLUE.from_config(unet=SMALL_UNET, style=StyleConfig.tiny(), clue=CLUEConfig.tiny())
     model.fit_style_posterior(DataLoader(ClassFolderDataset(data, PROMPT, size=32), batch_size=6))
-    model.save(root / "ckpt", extra={"prompt_template": PROMPT})
+    save_clue(model, root / "ckpt", extra={"prompt_template": PROMPT})
     return root, data
 
 

@@ -173,16 +173,15 @@ def test_checkpoint_without_the_low_rank_posterior_asks_for_a_refit(folder, tmp_
     with the missing keys and what to do, not loaded half-way."""
     from safetensors.torch import load_file, save_file
 
-    from clue import CLUE
-    from convert import CheckpointError
+    from checkpoint import CheckpointError, load_clue, save_clue
     model = small_clue()
     model.fit_style_posterior(folder)
-    model.save(tmp_path / "ckpt")
-    back = CLUE.load(tmp_path / "ckpt")
+    save_clue(model, tmp_path / "ckpt")
+    back = load_clue(tmp_path / "ckpt")
     for name, p in model.style_posterior.items():
         assert all(torch.equal(back.style_posterior[name][k], p[k]) for k in ("mean", "var", "factors", "psi", "mus"))
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if not k.endswith((".factors", ".psi"))},
               tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"style_posterior\.0\.factors.*fit_style_posterior"):
-        CLUE.load(tmp_path / "ckpt")
+        load_clue(tmp_path / "ckpt")

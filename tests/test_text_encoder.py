@@ -12,8 +12,8 @@ import torch
 from open_clip.tokenizer import default_bpe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from text_encoder import (EOT_TOKEN, TextConfig, TextEncoder, hf_clip_to_open_clip,
-                          text_config_from_hf, tokenize)
+from convert import hf_clip_to_open_clip, text_config_from_hf
+from text_encoder import EOT_TOKEN, TextConfig, TextEncoder, tokenize
 
 PROMPTS = [
     "a photo of a cat",

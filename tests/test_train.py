@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 import train
 import training_state
+from checkpoint import load_clue
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -46,7 +47,7 @@ def make_vae_folder(path, seed=0):
     """An (untrained) tiny VAE in the folder format train.py's phase 1 writes and --vae reads."""
     from dataclasses import asdict
 
-    from convert import atomic_write_json, atomic_write_safetensors
+    from checkpoint import atomic_write_json, atomic_write_safetensors
     from vae import VAE, VAEConfig
     torch.manual_seed(seed)
     vae = VAE(VAEConfig.tiny(scale_factor=1.0))
@@ -173,7 +174,6 @@ def test_help_text(capsys):
 
 # ------------------------------------------------------------------------------------ whole runs
 def test_tiny_run_loss_goes_down_and_writes_everything(data_dir, tmp_path):
-    from clue import CLUE
     out = tmp_path / "run"
     summary = train.main(tiny_args(data_dir, out, None, "--vae-steps", "3", "--vae-batch-size", "8",
                                    "--steps", "40", "--lr-schedule", "constant", "--lr", "2e-3",
@@ -187,7 +187,7 @@ def test_tiny_run_loss_goes_down_and_writes_everything(data_dir, tmp_path):
               "checkpoints/step_000040/training_state.json"):
         assert (out / f).is_file(), f
     assert Image.open(out / "loss_curve.png").size[0] > 100
-    model = CLUE.load(out / "final")
+    model = load_clue(out / "final")
     assert sorted(model.style_posterior) == ["horizontal bar", "ring", "vertical bar"]
     config = json.loads((out / "final" / "config.json").read_text())
     diag = config["diagnostics"]
@@ -201,8 +201,7 @@ def test_tiny_run_loss_goes_down_and_writes_everything(data_dir, tmp_path):
 def test_vanilla_baseline_has_no_style_parameters(data_dir, vae_dir, tmp_path):
     out = tmp_path / "vanilla"
     train.main(tiny_args(data_dir, out, vae_dir, "--steps", "2", "--style-tokens", "0"))
-    from clue import CLUE
-    model = CLUE.load(out / "final")
+    model = load_clue(out / "final")
     assert model.style_encoder is None
     assert not [n for n, _ in model.named_parameters() if "style" in n]
     assert (out / "samples.png").is_file()
@@ -211,8 +210,7 @@ def test_vanilla_baseline_has_no_style_parameters(data_dir, vae_dir, tmp_path):
 def test_fine_tune_freezes_vae_and_text_encoder(data_dir, vae_dir, tmp_path):
     """--model: a checkpoint in our format stands in for SD; VAE and text encoder must not move, the U-Net
     must; --freeze-unet moves only the U-Net's style layers."""
-    from clue import CLUE
-    from convert import is_style_param
+    from unet import is_style_param
     base = tmp_path / "base"
     train.main(tiny_args(data_dir, base, vae_dir, "--steps", "1"))
     args = [a for a in tiny_args(data_dir, tmp_path / "ft", None, "--steps", "2", "--ema-decay", "0",
@@ -220,12 +218,12 @@ def test_fine_tune_freezes_vae_and_text_encoder(data_dir, vae_dir, tmp_path):
     args[args.index("--preset"):args.index("--preset") + 2] = ["--model", str(base / "final")]
     args[args.index("--unet-channels"):args.index("--unet-channels") + 2] = []
     train.main(args)
-    before, after = CLUE.load(base / "final").state_dict(), CLUE.load(tmp_path / "ft" / "final").state_dict()
+    before, after = load_clue(base / "final").state_dict(), load_clue(tmp_path / "ft" / "final").state_dict()
     moved = {k.split(".")[0] for k in after if k in before and not torch.equal(before[k], after[k])}
     assert "unet" in moved and "vae" not in moved and "text_encoder" not in moved
     args[args.index("--output") + 1] = str(tmp_path / "ft2")
     train.main(args + ["--freeze-unet"])
-    after = CLUE.load(tmp_path / "ft2" / "final").state_dict()
+    after = load_clue(tmp_path / "ft2" / "final").state_dict()
     moved_unet = [k for k in after if k.startswith("unet.") and not torch.equal(before[k], after[k])]
     assert moved_unet and all(is_style_param(k) for k in moved_unet)
 

@@ -8,7 +8,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
 import unet as unet_module
-from unet import UNet, UNetConfig, timestep_embedding, to_diffusers_config
+from reference import unet_to_diffusers
+from unet import UNet, UNetConfig, timestep_embedding
 
 # An SD 1.x-shaped and an SD 2.x-shaped network at reduced width.
 SD1_TINY = UNetConfig(block_channels=(32, 64, 64), attention_levels=(True, True, False), num_heads=(8, 8, 8),
@@ -21,7 +22,7 @@ SD2_TINY = UNetConfig(block_channels=(32, 64, 64, 64), attention_levels=(True, T
 def reference_and_ours(cfg, seed=0):
     """A random diffusers U-Net and ours carrying its weights (style branch left at its zero init)."""
     torch.manual_seed(seed)
-    ref = UNet2DConditionModel(**to_diffusers_config(cfg)).eval()
+    ref = UNet2DConditionModel(**unet_to_diffusers(cfg)).eval()
     ours = UNet(cfg).eval()
     missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
     assert unexpected == []
@@ -72,7 +73,7 @@ def test_presets_have_the_released_shapes():
         for preset, n_params in ((UNetConfig.sd15, 859_520_964), (UNetConfig.sd21, 865_910_724),
                                  (UNetConfig.sd21_base, 865_910_724)):
             cfg = preset(style=False)
-            ref, ours = UNet2DConditionModel(**to_diffusers_config(cfg)), UNet(cfg)
+            ref, ours = UNet2DConditionModel(**unet_to_diffusers(cfg)), UNet(cfg)
             assert {k: v.shape for k, v in ours.state_dict().items()} == \
                    {k: v.shape for k, v in ref.state_dict().items()}
             assert sum(p.numel() for p in ours.parameters()) == n_params
@@ -86,7 +87,7 @@ def test_no_style_parameters_without_style():
     assert names and not [n for n in names if "style" in n]
     cfg = UNetConfig.tiny(style=False)
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**to_diffusers_config(cfg))
+    ref = UNet2DConditionModel(**unet_to_diffusers(cfg))
     UNet(cfg).load_state_dict(ref.state_dict(), strict=True)      # exactly diffusers' keys
 
 

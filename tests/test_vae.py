@@ -3,12 +3,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from vae import VAE, DiagonalGaussian, VAEConfig, to_diffusers_config
+from reference import vae_to_diffusers
+from vae import VAE, DiagonalGaussian, VAEConfig
 
 
 def reference_and_ours(cfg, seed=0):
     torch.manual_seed(seed)
-    ref = AutoencoderKL(**to_diffusers_config(cfg)).eval()
+    ref = AutoencoderKL(**vae_to_diffusers(cfg)).eval()
     ours = VAE(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)          # identical names, nothing left over
     return ref, ours
@@ -39,7 +40,7 @@ def test_parity_with_diffusers(cfg):
 
 def test_sd_preset_has_the_released_shapes():
     with torch.device("meta"):
-        ref, ours = AutoencoderKL(**to_diffusers_config(VAEConfig.sd())), VAE(VAEConfig.sd())
+        ref, ours = AutoencoderKL(**vae_to_diffusers(VAEConfig.sd())), VAE(VAEConfig.sd())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == 83_653_863
     assert VAEConfig.sd().scale_factor == 0.18215
