@@ -100,15 +100,28 @@ def atomic_write_safetensors(path, tensors: dict, metadata: dict | None = None) 
     _atomic_replace(Path(path), lambda tmp: save_file(out, tmp, metadata=metadata))
 
 
-def read_checkpoint_dir(path) -> tuple[dict, dict]:
-    """Our format: a folder with config.json ({"format": "clue-pytorch"}) and model.safetensors -> (config, tensors)."""
-    path = Path(path)
+def write_checkpoint(folder, kind: str, config: dict, tensors: dict, json_name: str = "config.json",
+                     tensors_name: str = "model.safetensors") -> None:
+    """Our one format: folder/tensors_name (safetensors) then folder/json_name = {"format", "version", "kind",
+    **config}, each written atomically; the JSON last, so a folder that has it is complete. `kind` says what
+    reads it back: "clue" / "stable_diffusion" (sample.py), "vae" (the tiny VAE phase), "classifier" (eval.py),
+    "training_state" (a resumable checkpoint's optimizer, RNG and data position)."""
+    folder = Path(folder)
+    atomic_write_safetensors(folder / tensors_name, tensors, metadata={"format": FORMAT, "kind": kind})
+    atomic_write_json(folder / json_name, {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, **config})
+
+
+def read_checkpoint(folder, kind: str | None = None, json_name: str = "config.json",
+                    tensors_name: str = "model.safetensors") -> tuple[dict, dict]:
+    """Read what write_checkpoint wrote -> (config, tensors), or raise CheckpointError naming the file. `kind`:
+    what the caller expects; folders written before "kind" existed (format version 1) pass."""
+    path = Path(folder)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder (expected config.json + model.safetensors)")
-    config_file, weights_file = path / "config.json", path / "model.safetensors"
+        raise FileNotFoundError(f"{path}: no such folder (expected {json_name} + {tensors_name})")
+    config_file, weights_file = path / json_name, path / tensors_name
     for f in (config_file, weights_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; a {FORMAT} folder holds config.json and model.safetensors")
+            raise FileNotFoundError(f"{f}: missing; a {FORMAT} folder holds {json_name} and {tensors_name}")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -117,10 +130,17 @@ def read_checkpoint_dir(path) -> tuple[dict, dict]:
     if found != FORMAT:
         raise CheckpointError(f"{config_file}: 'format' is {found!r}, expected {FORMAT!r}; not a folder written by "
                               "convert.py / train.py")
-    if config.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{config_file}: format version {config['version']} is newer than this code "
-                              f"({FORMAT_VERSION}); update the code")
+    if not isinstance(config.get("version", 0), int) or config.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{config_file}: format version {config.get('version')!r} is not one this code reads "
+                              f"(<= {FORMAT_VERSION}); update the code")
+    if kind is not None and config.get("kind", kind) != kind:
+        raise CheckpointError(f"{config_file}: holds a {config['kind']!r} checkpoint, expected {kind!r}")
     return config, read_state_dict(weights_file)
+
+
+def read_checkpoint_dir(path) -> tuple[dict, dict]:
+    """Our model folder (config.json + model.safetensors) -> (config, tensors): read_checkpoint of any kind."""
+    return read_checkpoint(path)
 
 
 def config_from_dict(cls, d: dict, where: str):
