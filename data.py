@@ -1,39 +1,35 @@
 """Labelled image folders -> (image, fixed-format prompt) examples, and the built-in `digits` demo dataset.
 
-The CLUE paper (arXiv 2511.10993) fine-tunes Stable Diffusion on a *small* labelled medical dataset
-whose prompts all follow one fixed format, "an otoscopic image of {diagnosis}". This file gives the
-same setting for any folder of images:
+The CLUE paper (arXiv 2511.10993) fine-tunes Stable Diffusion on a *small* labelled medical dataset whose prompts
+all follow one fixed format, "an otoscopic image of {diagnosis}". This file gives that setting for any folder:
 
     my_data/                       ClassFolderDataset("my_data", "an otoscopic image of {class}")
         acute_otitis_media/*.png   -> class "acute otitis media", label 0
         normal/*.jpg               -> class "normal", label 1
 
-Every item is a dict `image` (3,H,W) float32 in [-1, 1] (what the VAE encoder takes), `prompt`,
-`label` (int) and `path` (str); torch's default collate batches it (image -> (B,3,H,W), prompt -> list).
+Items are dicts: `image` (3,H,W) float32 in [-1, 1] (what the VAE encoder takes), `prompt`, `label`, `path`;
+torch's default collate batches them (image -> (B,3,H,W), prompt -> list).
 
 Decisions, so that nothing happens silently:
-- Classes and files are sorted, so labels and order are the same on every machine. Files are found
-  recursively inside each class folder; names starting with "." are ignored.
-- Checking files: at construction every file is opened with Pillow and `verify()`-ed (reads the
-  header and, for PNG, every chunk's checksum: cheap, no pixel decoding). `full_check=True` decodes
-  every image instead (slower, also catches truncated JPEGs). Unreadable or non-image files are
-  skipped with one warning line each and a count at the end (logger "data").
-- Colour: everything becomes RGB. RGBA / LA / palette images with transparency are composited on a
-  WHITE background (transparent pixels become white, the way an image viewer shows them). 16-bit
-  images ("I;16", "I") are scaled by 1/65535, not clipped to 255 as Pillow's own convert() does;
-  32-bit float images ("F") are taken to be in [0, 1]. EXIF orientation is applied.
-- Geometry: the shorter side is resized to `size` (bicubic, antialiased), then a centre crop
-  (or a random crop with random_crop=True) gives size x size. Horizontal flips are off by default
-  (they change the meaning of digits and of left/right anatomy).
+- Classes and files are sorted (the same labels and order on every machine); files are found recursively in
+  each class folder (list_images, eval.py's lister too); names starting with "." are ignored.
+- Every file is decoded once when a dataset is built (a cut-off JPEG passes Pillow's cheap verify(), not a
+  decode), the answers cached by (path, size, mtime_ns) under cache_root(): a second build only stats the files.
+  Unreadable files are skipped with one warning line each and a count (logger "data"); a folder that cannot be
+  used raises DataError saying what to do.
+- Colour: everything becomes RGB; transparent pixels are composited on WHITE (as a viewer shows them); 16-bit
+  images ("I;16", "I") are scaled by 1/65535 (Pillow's convert() clips at 255); float images ("F") are taken
+  to be in [0, 1]; EXIF orientation is applied.
+- Geometry: the shorter side is resized to `size` (bicubic, antialiased), then a centre (or random) crop.
+  Horizontal flips are off by default (they change the meaning of digits and of left/right anatomy).
 
-The demo dataset `digits` is scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1,797
-real 8x8 scans of digits written by 43 people, values 0..16, shipped inside the scikit-learn package,
-so it works offline). `materialize_digits()` writes it once as a class-folder dataset at 32x32,
-with a seeded stratified train/test split recorded in `split.json`. `resolve_data("digits")` is what
-`train.py --data digits` calls. Left out: any download of other datasets (nothing here reaches one).
+The demo dataset `digits` is scikit-learn's handwritten digits (1,797 real 8x8 scans by 43 writers, shipped inside
+the package, so it works offline): `materialize_digits()` writes it once as a class folder at 32x32 with a seeded
+stratified train/test split (`split.json`); `resolve_data("digits")` is what `--data digits` calls.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -55,6 +51,7 @@ DIGITS_PROMPT = "a handwritten digit {class}"      # the demo dataset's prompt f
 DIGITS_SIZE = 32                                  # demo images are 32x32 -> 8x8x4 latents with the tiny VAE
 DIGITS_FORMAT_VERSION = 1                         # bump when the way digits are written changes
 DIGITS_ARGS = ("digits", "digits:train", "digits:test")  # --data values that mean the demo dataset
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 class DataError(ValueError):
@@ -79,12 +76,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: str | os.PathLike, size: int, random_crop: bool = False, flip: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Read one image file -> (3, size, size) float32 tensor in [-1, 1].
-
-    Resize the shorter side to `size` (bicubic), crop size x size (centre, or random), and flip
-    horizontally with probability 1/2 when `flip`. Randomness comes from torch's generator
-    (so DataLoader workers, which torch seeds, give different crops).
-    """
+    """Read one image file -> (3, size, size) float32 tensor in [-1, 1]: the shorter side resized to `size`
+    (bicubic), a size x size crop (centre, or random), a horizontal flip with probability 1/2 when `flip`.
+    Randomness comes from torch's generator (DataLoader workers, which torch seeds, get different crops)."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         img = to_rgb(img)
@@ -102,18 +96,27 @@ def load_image(path: str | os.PathLike, size: int, random_crop: bool = False, fl
     if flip and float(torch.rand((), generator=generator)) < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    x = x.permute(2, 0, 1).float() / 127.5 - 1.0  # (H,W,3) uint8 -> (3,H,W) in [-1, 1]
-    return x
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0  # (H,W,3) uint8 -> (3,H,W) in [-1, 1]
 
 
-def _check_image(path: Path, full_check: bool) -> str | None:
-    """None if Pillow can read `path` as an image, else a short reason."""
+def list_images(folder: str | os.PathLike, extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every file under `folder` with one of `extensions` (None: every file), recursively, in sorted order; names
+    starting with "." (files and folders) are skipped."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist or is not a folder")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))  # prune hidden folders, fix walk order
+        found += [Path(dirpath) / n for n in sorted(filenames)
+                  if not n.startswith(".") and (extensions is None or n.lower().endswith(extensions))]
+    return found
+
+
+def decode_problem(path: str | os.PathLike) -> str | None:
+    """None if Pillow decodes every pixel of `path`, else a short reason."""
     try:
         with Image.open(path) as img:
-            if full_check:
-                img.load()
-            else:
-                img.verify()
+            img.load()
     except UnidentifiedImageError:
         return "not an image format Pillow can read"
     except Exception as e:  # broken files raise many types (OSError, SyntaxError, ValueError...)
@@ -121,73 +124,82 @@ def _check_image(path: Path, full_check: bool) -> str | None:
     return None
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".")
+def checked_files(root: Path, files: list[Path], cache_dir=None) -> list[str | None]:
+    """decode_problem of every file, each decoded once: the answers are kept in a JSON file under
+    cache_root(cache_dir)/image_checks, one per root folder, keyed by relative path, size and mtime_ns."""
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
+    cache = cache_root(cache_dir) / "image_checks" / f"{key}.json"
+    try:
+        known = json.loads(cache.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # no cache yet, or an unreadable one: decode everything
+        known = {}
+    entries = {}
+    for path in files:
+        stat, rel = path.stat(), path.relative_to(root).as_posix()
+        old = known.get(rel) if isinstance(known, dict) else None
+        fresh = isinstance(old, list) and len(old) == 3 and old[:2] == [stat.st_size, stat.st_mtime_ns]
+        entries[rel] = old if fresh else [stat.st_size, stat.st_mtime_ns, decode_problem(path)]
+    if entries != known:
+        try:  # written beside, then renamed: a concurrent reader (another torchrun rank) sees a whole file
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"root": str(root.resolve()), "files": entries}))
+            os.replace(tmp, cache)
+        except OSError as e:
+            log.warning(f"cannot write the image-check cache {cache} ({e}); the images are decoded again next time")
+    return [entry[2] for entry in entries.values()]
 
 
 class ClassFolderDataset(Dataset):
     """A folder with one subfolder per class -> dict(image, prompt, label, path) items.
 
-    Args:
-        root: the folder; each subfolder is a class, the class name is the folder name with "_" -> " ".
-        prompt_template: fixed-format prompt with a "{class}" placeholder.
-        size: output images are size x size.
-        random_crop, flip: augmentations (off by default).
-        limit_per_class: keep at most this many images per class, a seeded random subset (the paper's
-            limited-data regime, e.g. 50 digits per class).
-        seed: seed of that subset.
-        full_check: decode every image at construction instead of Pillow's cheap verify().
-
+    root: each subfolder is a class, named like the folder with "_" -> " ". prompt_template: a fixed-format prompt
+    with a "{class}" placeholder. size: images are size x size. random_crop, flip: augmentations (off).
+    limit_per_class: keep at most this many images per class, a subset seeded by `seed` (the paper's limited-data
+    regime). cache_dir: where the decode checks are cached (default cache_root()).
     Attributes: class_names, class_counts, prompts (one per class, in label order), samples (list of
     (path, label)), labels, skipped (list of (path, reason)).
     """
 
     def __init__(self, root: str | os.PathLike, prompt_template: str = DEFAULT_PROMPT, size: int = 512,
                  random_crop: bool = False, flip: bool = False, limit_per_class: int | None = None,
-                 seed: int = 0, full_check: bool = False):
+                 seed: int = 0, cache_dir: str | os.PathLike | None = None):
         self.root = Path(root).expanduser()
         if "{class}" not in prompt_template:
-            raise ValueError(f"prompt template {prompt_template!r} has no '{{class}}' placeholder; "
-                             "write e.g. 'an otoscopic image of {class}'")
-        if size < 1:
-            raise ValueError(f"size must be positive, got {size}")
-        if limit_per_class is not None and limit_per_class < 1:
-            raise ValueError(f"limit_per_class must be >= 1 or None, got {limit_per_class}")
+            raise DataError(f"prompt template {prompt_template!r} has no '{{class}}' placeholder; "
+                            "write e.g. 'an otoscopic image of {class}'")
+        if size < 1 or (limit_per_class is not None and limit_per_class < 1):
+            raise DataError(f"size ({size}) and limit_per_class ({limit_per_class}) must be >= 1 (or None)")
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist or is not a folder")
         self.prompt_template, self.size = prompt_template, size
         self.random_crop, self.flip = random_crop, flip
 
-        entries = sorted(p for p in self.root.iterdir() if _visible(p.name))
+        entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
         class_dirs = [p for p in entries if p.is_dir()]
         loose = [p for p in entries if p.is_file()]
         if not class_dirs:
-            raise ValueError(f"{self.root} has no class subfolders ({len(loose)} files directly inside it); "
-                             f"put the images in one subfolder per class, e.g. {self.root}/normal/0001.png")
+            raise DataError(f"{self.root} has no class subfolders ({len(loose)} files directly inside it); "
+                            f"put the images in one subfolder per class, e.g. {self.root}/normal/0001.png")
         if loose:
             log.warning(f"ignoring {len(loose)} files directly in {self.root} (not in a class subfolder)")
 
         self.class_names = [d.name.replace("_", " ") for d in class_dirs]
         if len(set(self.class_names)) < len(self.class_names):
-            raise ValueError(f"{self.root}: class folders {[d.name for d in class_dirs]} give the same class name "
-                             "twice ('_' reads as a space); rename or merge them")
+            raise DataError(f"{self.root}: class folders {[d.name for d in class_dirs]} give the same class name "
+                            "twice ('_' reads as a space); rename or merge them")
         self.prompts = [prompt_template.replace("{class}", name) for name in self.class_names]
-        self.samples: list[tuple[str, int]] = []
-        self.skipped: list[tuple[str, str]] = []
-        self.class_counts: list[int] = []
-        n_files = 0
-        for label, d in enumerate(class_dirs):
-            good = []
-            for path in self._files_under(d):
-                n_files += 1
-                reason = _check_image(path, full_check)
-                if reason is None:
-                    good.append(path)
-                else:
-                    self.skipped.append((str(path), reason))
-                    log.warning(f"skipping {path}: {reason}")
+        files = [list_images(d, extensions=None) for d in class_dirs]
+        reasons = iter(checked_files(self.root, [p for fs in files for p in fs], cache_dir))
+        self.samples, self.skipped, self.class_counts = [], [], []
+        for label, (d, paths) in enumerate(zip(class_dirs, files)):
+            checked = list(zip(paths, reasons))  # (path, None or why it is unreadable)
+            for path, reason in (c for c in checked if c[1] is not None):
+                self.skipped.append((str(path), reason))
+                log.warning(f"skipping {path}: {reason}")
+            good = [path for path, reason in checked if reason is None]
             if not good:
-                raise ValueError(f"class folder {d} contains no readable images; add images to it or remove it")
+                raise DataError(f"class folder {d} contains no readable images; add images to it or remove it")
             if limit_per_class is not None and len(good) > limit_per_class:
                 # a seeded subset, independent of the other classes; sorted again for a stable order
                 rng = random.Random(f"{seed}/{d.name}")
@@ -195,18 +207,9 @@ class ClassFolderDataset(Dataset):
             self.samples += [(str(p), label) for p in good]
             self.class_counts.append(len(good))
         if self.skipped:
-            log.warning(f"skipped {len(self.skipped)} of {n_files} files under {self.root} "
+            log.warning(f"skipped {len(self.skipped)} of {sum(map(len, files))} files under {self.root} "
                         "that are not readable images")
         self.labels = [label for _, label in self.samples]
-
-    @staticmethod
-    def _files_under(folder: Path) -> list[Path]:
-        """Every visible file under `folder`, recursively, in sorted order."""
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(n for n in dirnames if _visible(n))  # prune hidden folders, fix walk order
-            found += [Path(dirpath) / n for n in sorted(filenames) if _visible(n)]
-        return found
 
     @property
     def num_classes(self) -> int:
@@ -217,16 +220,12 @@ class ClassFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path, label = self.samples[i]
-        try:
-            image = load_image(path, self.size, self.random_crop, self.flip)
-        except Exception as e:  # passed verify() at construction but fails to decode (e.g. truncated JPEG)
-            raise OSError(f"cannot decode {path} ({type(e).__name__}: {e}); remove the file or build the "
-                          "dataset with full_check=True to skip such files") from e
+        image = load_image(path, self.size, self.random_crop, self.flip)
         return {"image": image, "prompt": self.prompts[label], "label": label, "path": path}
 
 
 # ----------------------------------------------------------------------------------------------------
-# The built-in demo dataset: scikit-learn's handwritten digits
+# Images out, and the cache folder
 # ----------------------------------------------------------------------------------------------------
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -256,9 +255,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def _digits_split(target: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:
     """Stratified split: in each class, a seeded permutation; the first round(test_fraction * n) go to test.
-
-    Returns a boolean mask, True = test.
-    """
+    -> boolean mask, True = test."""
     rng = np.random.default_rng(seed)
     is_test = np.zeros(len(target), dtype=bool)
     for c in np.unique(target):  # sorted classes, so the rng is consumed in a fixed order
@@ -269,11 +266,8 @@ def _digits_split(target: np.ndarray, seed: int, test_fraction: float) -> np.nda
 
 
 def _digit_image(pixels_0_16: np.ndarray) -> Image.Image:
-    """One 8x8 load_digits scan (0 = paper, 16 = ink) -> 32x32 grayscale image, DARK ink on WHITE paper.
-
-    The inversion matches how scikit-learn displays the digits (cmap gray_r). Bilinear upsampling
-    (no overshoot, so no ringing around the strokes).
-    """
+    """One 8x8 load_digits scan (0 = paper, 16 = ink) -> 32x32 grayscale image, DARK ink on WHITE paper (as
+    scikit-learn displays them, cmap gray_r); bilinear upsampling (no overshoot, so no ringing at the strokes)."""
     ink = np.round(255.0 - pixels_0_16 * (255.0 / 16.0)).astype(np.uint8)
     return Image.fromarray(ink, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BILINEAR)
 
@@ -283,23 +277,18 @@ def _digits_is_current(folder: Path, seed: int, test_fraction: float) -> bool:
         meta = json.loads((folder / "split.json").read_text())
     except (OSError, ValueError):
         return False
-    if (meta.get("format_version"), meta.get("seed"), meta.get("test_fraction")) != \
-            (DIGITS_FORMAT_VERSION, seed, test_fraction):
-        return False
-    return all((folder / f).is_file() for split in ("train", "test") for f in meta["files"][split])
+    return ((meta.get("format_version"), meta.get("seed"), meta.get("test_fraction"))
+            == (DIGITS_FORMAT_VERSION, seed, test_fraction)
+            and all((folder / f).is_file() for split in ("train", "test") for f in meta["files"][split]))
 
 
 def materialize_digits(cache_dir: str | os.PathLike | None = None, seed: int = 0,
                        test_fraction: float = 0.2) -> Path:
-    """Write scikit-learn's digits once as `<cache>/digits/{train,test}/<class>/<index>.png` + split.json.
-
-    <index> is the image's row in `load_digits()`, so every file can be traced back. The split is
-    stratified (each class split test_fraction / rest with a seeded permutation). Idempotent: when
-    split.json exists with the same seed, fraction and format version and all its files are there,
-    nothing is written. Safe against concurrent callers (e.g. several torchrun ranks): the folder
-    is built under a temporary name and renamed into place; split.json is its last file.
-    Returns `<cache>/digits`.
-    """
+    """Write scikit-learn's digits once as `<cache>/digits/{train,test}/<class>/<index>.png` + split.json and
+    return `<cache>/digits`. <index> is the image's row in `load_digits()`; the split is stratified
+    (_digits_split). Idempotent: nothing is written when split.json has the same seed, fraction and format version
+    and all its files are there. Safe against concurrent callers (torchrun ranks): the folder is built under a
+    temporary name and renamed into place."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     root = cache_root(cache_dir)
@@ -307,7 +296,7 @@ def materialize_digits(cache_dir: str | os.PathLike | None = None, seed: int = 0
     if _digits_is_current(folder, seed, test_fraction):
         return folder
 
-    from sklearn.datasets import load_digits  # imported here: only the demo needs scikit-learn
+    from sklearn.datasets import load_digits  # lazy: a heavy import (1.5 s) that only the demo needs
 
     digits = load_digits()
     images, target = digits.images, digits.target  # (1797, 8, 8) floats in 0..16, (1797,) ints
@@ -324,20 +313,13 @@ def materialize_digits(cache_dir: str | os.PathLike | None = None, seed: int = 0
             _digit_image(images[i]).save(tmp / rel)
             files[split].append(rel)
         classes = [str(c) for c in sorted(set(target.tolist()))]
-        meta = {
-            "dataset": "sklearn.datasets.load_digits",
-            "format_version": DIGITS_FORMAT_VERSION,
-            "n_images": int(len(target)),
-            "seed": seed,
-            "test_fraction": test_fraction,
-            "stratified": True,
-            "size": DIGITS_SIZE,
-            "appearance": "dark ink on white, 8x8 -> 32x32 bilinear, 8-bit grayscale PNG",
-            "prompt_template": DIGITS_PROMPT,
-            "counts": {split: {c: int(((target == int(c)) & (is_test == (split == "test"))).sum())
-                               for c in classes} for split in ("train", "test")},
-            "files": files,
-        }
+        meta = {"dataset": "sklearn.datasets.load_digits", "format_version": DIGITS_FORMAT_VERSION,
+                "n_images": int(len(target)), "seed": seed, "test_fraction": test_fraction, "stratified": True,
+                "size": DIGITS_SIZE, "appearance": "dark ink on white, 8x8 -> 32x32 bilinear, 8-bit grayscale PNG",
+                "prompt_template": DIGITS_PROMPT,
+                "counts": {split: {c: int(((target == int(c)) & (is_test == (split == "test"))).sum())
+                                   for c in classes} for split in ("train", "test")},
+                "files": files}
         (tmp / "split.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():  # stale (other seed, older format, files missing): replace it
             log.warning(f"rebuilding {folder} (its split.json does not match seed={seed}, "
@@ -354,12 +336,8 @@ def materialize_digits(cache_dir: str | os.PathLike | None = None, seed: int = 0
 
 
 def resolve_data(arg: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A `--data` argument -> a class folder.
-
-    "digits" or "digits:train" -> the materialised demo train folder; "digits:test" -> its test folder;
-    anything else is a path that must be an existing folder (write "./digits" for a local folder
-    that happens to be called digits).
-    """
+    """A `--data` argument -> a class folder: "digits" or "digits:train" -> the materialised demo train folder,
+    "digits:test" -> its test folder; anything else must be an existing folder ("./digits" for a local one)."""
     s = str(arg)
     if s in DIGITS_ARGS:
         split = "test" if s.endswith(":test") else "train"

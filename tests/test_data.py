@@ -220,16 +220,43 @@ def test_cache_dir_default_and_env(monkeypatch, tmp_path):
     assert cache_root(tmp_path / "arg") == tmp_path / "arg"
 
 
-def test_full_check_catches_truncated_jpeg(tmp_path):
-    """verify() reads only a JPEG's header: a cut-off JPEG passes it and fails at load time with a clear
-    error; full_check=True decodes every file at construction and skips it instead."""
+def test_truncated_jpeg_is_skipped_and_the_check_is_cached(tmp_path, caplog, monkeypatch):
+    """Pillow's cheap verify() reads only a JPEG's header: a cut-off JPEG passes it and used to fail at step 0 of
+    training. Every image is decoded once when the dataset is built: the cut one is skipped with the usual
+    warning; the answers are cached by (path, size, mtime_ns), so a second build decodes nothing."""
+    import data
     noise = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
-    _save(Image.fromarray(noise), tmp_path / "c" / "ok.jpg")
-    data = (tmp_path / "c" / "ok.jpg").read_bytes()
-    (tmp_path / "c" / "cut.jpg").write_bytes(data[: len(data) // 2])
-    quick = ClassFolderDataset(tmp_path, size=32)
-    assert len(quick) == 2
-    with pytest.raises(OSError, match="cut.jpg.*full_check=True"):
-        quick[0]  # sorted: cut.jpg first
-    full = ClassFolderDataset(tmp_path, size=32, full_check=True)
-    assert len(full) == 1 and full.skipped[0][0].endswith("cut.jpg")
+    _save(Image.fromarray(noise), tmp_path / "d" / "c" / "ok.jpg")
+    raw = (tmp_path / "d" / "c" / "ok.jpg").read_bytes()
+    (tmp_path / "d" / "c" / "cut.jpg").write_bytes(raw[: len(raw) // 2])
+    with Image.open(tmp_path / "d" / "c" / "cut.jpg") as img:
+        img.verify()  # the cheap check passes
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = ClassFolderDataset(tmp_path / "d", size=32, cache_dir=cache)
+    assert len(ds) == 1 and ds.samples[0][0].endswith("ok.jpg") and ds.skipped[0][0].endswith("cut.jpg")
+    assert any("skipping" in r.getMessage() and "cut.jpg" in r.getMessage() for r in caplog.records)
+    assert ds[0]["image"].shape == (3, 32, 32)
+    assert len(list((cache / "image_checks").glob("*.json"))) == 1
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} again")
+    monkeypatch.setattr(data, "decode_problem", no_decoding)
+    again = ClassFolderDataset(tmp_path / "d", size=32, cache_dir=cache)  # from the cache: no decode
+    assert again.samples == ds.samples and again.skipped == ds.skipped
+    # a changed file (size, mtime) is decoded again
+    (tmp_path / "d" / "c" / "cut.jpg").write_bytes(raw)
+    with pytest.raises(AssertionError, match="cut.jpg again"):
+        ClassFolderDataset(tmp_path / "d", size=32, cache_dir=cache)
+    monkeypatch.undo()
+    assert len(ClassFolderDataset(tmp_path / "d", size=32, cache_dir=cache)) == 2
+
+
+def test_user_errors_are_data_errors(tmp_path):
+    from data import DataError
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        ClassFolderDataset(tmp_path / "empty")
+    _save(Image.new("RGB", (4, 4)), tmp_path / "r" / "c" / "a.png")
+    with pytest.raises(DataError, match="limit_per_class"):
+        ClassFolderDataset(tmp_path / "r", limit_per_class=0)
