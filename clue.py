@@ -15,12 +15,9 @@ style_encoder.py, schedulers.py) into one model with three jobs:
        KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)   per dimension,
    both terms as *means* (per latent element, per style dimension), optional min-SNR-gamma weights
    (Hang et al. 2023), and condition dropout for classifier-free guidance (Ho & Salimans 2022).
-   Why the MMD term: the KL above is per image; it bounds, but does not shape, the aggregated posterior
-   q(s) = E_x q(s|x), which is where unprompted prior draws have to land. A model can meet a small KL while
-   its styles spread along a few directions several times wider than N(0, I) (the demo did: eigenvalues ~10),
-   and then prior draws at tau = 1 explore a third of the styles. InfoVAE (Zhao et al. 2019) and WAE
-   (Tolstikhin et al. 2018) add a divergence between q(s) and p(s) for exactly this; with the polynomial
-   kernel k(x, y) = (1 + x.y)^2 the MMD is a distance between moments,
+   The MMD term shapes the aggregated posterior q(s) = E_x q(s|x), where unprompted prior draws land, which the
+   per-image KL bounds but does not shape (InfoVAE, Zhao et al. 2019; WAE, Tolstikhin et al. 2018); with the
+   polynomial kernel k(x, y) = (1 + x.y)^2 it is a distance between moments,
        MMD^2 = || E_q[s s^T] - I ||_F^2 + 2 || E_q[s] ||^2,
    estimated without bias from a batch and without drawing from the prior (StyleEncoder.prior_mmd).
 2. `generate`: DDIM (Song et al. 2021, eq. 12) with classifier-free guidance
@@ -31,7 +28,7 @@ style_encoder.py, schedulers.py) into one model with three jobs:
    text only and the style is never amplified by w; training matches it (text dropout keeps the style,
    style dropout is drawn independently of text dropout).
 3. The per-class style posteriors and the diagnostics of the style latent (computed in style_stats.py), kept
-   with the model, and save/load.
+   with the model (checkpoint.py saves them).
 
 Left out: img2img/inpainting, other samplers than DDIM, guidance rescale, LoRA. A CLUE without a style
 encoder (`style=None`) is plain Stable Diffusion: that is how sample.py does text-to-image.
@@ -46,13 +43,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import style_stats
-from schedulers import SD_SAMPLER, DDIMSampler, NoiseSchedule, randn_cpu
+from schedulers import SD_SAMPLER, DDIMSampler, NoiseSchedule, randn_cpu, sd_image_size
 from style_encoder import StyleConfig, StyleEncoder
 from text_encoder import TextConfig, TextEncoder
 from unet import UNet, UNetConfig, is_style_param
 from vae import VAE, VAEConfig
 
-STYLE_MODES = ("prior", "posterior", "posterior_sample", "reference")
+STYLE_SOURCES = ("prior", "posterior", "posterior_sample", "reference")  # StyleChoice.source, or a tensor
 POSTERIOR_TENSORS = ("mean", "var", "factors", "psi", "mus")  # per class, see CLUE.fit_style_posterior
 
 
@@ -93,6 +90,29 @@ class CLUEConfig:
     def tiny(cls, **kw) -> "CLUEConfig":
         """The demo preset: 32 px images, latents from the VAE mean (a tiny VAE is nearly deterministic)."""
         return cls(**{"image_size": 32, "sample_latents": False, **kw})
+
+
+@dataclass
+class Sampling:
+    """How CLUE.generate samples: DDIM with classifier-free guidance."""
+    steps: int = 50                          # DDIM steps
+    guidance: float = 7.5                    # text guidance scale w; <= 1 runs the text branch only (as diffusers)
+    eta: float = 0.0                         # DDIM eta: 0 deterministic, 1 DDPM's ancestral noise
+    negative_prompt: str | list[str] = ""    # the unconditional half's prompt (one, or one per image)
+    height: int | None = None                # pixels, a multiple of the VAE's downsampling factor;
+    width: int | None = None                 # None: CLUEConfig.image_size
+
+
+@dataclass
+class StyleChoice:
+    """Where CLUE.generate's style tokens come from (CLUE.make_style) and how strongly they act."""
+    source: str | torch.Tensor = "prior"     # one of STYLE_SOURCES, or style tokens (K,D) / (1|n,K,D) used as given
+    tau: float = 1.0                         # temperature: prior N(0, tau^2 I), posterior covariance x tau^2
+    scale: float = 1.0                       # the U-Net's style_scale (0: the style branch is skipped)
+    classes: list[str] | None = None         # "posterior*": one class name per image
+    reference: torch.Tensor | None = None    # "reference": images (B,3,H,W) in [-1, 1], B = 1 or one per image
+    reference_prompts: list[str] | None = None  # their prompts (generate: default the generation prompts)
+    seed: int | None = None                  # own RNG for the style draws (fixed noise, varying style)
 
 
 def slerp(s0: torch.Tensor, s1: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -151,7 +171,7 @@ class CLUE(nn.Module):
             raise ValueError(f"StyleConfig(context_dim={style_cfg.context_dim}, latent_channels="
                              f"{style_cfg.latent_channels}) must match the U-Net (context_dim={unet.cfg.context_dim}, "
                              f"in_channels={unet.cfg.in_channels})")
-        image_size = getattr(sd, "image_size", None) or (768 if sd.prediction_type == "v_prediction" else 512)
+        image_size = getattr(sd, "image_size", None) or sd_image_size(sd.prediction_type)
         clue_cfg = replace(clue_cfg or CLUEConfig(), prediction_type=sd.prediction_type,
                            scale_factor=float(sd.scale_factor), **({} if clue_cfg else {"image_size": image_size}))
         style = StyleEncoder(style_cfg).to(next(unet.parameters()).device) if use_style else None
@@ -193,14 +213,12 @@ class CLUE(nn.Module):
     # ---------------------------------------------------------------- training
     @staticmethod
     def unpack(batch, class_names: list[str] | None = None) -> tuple[torch.Tensor, list[str], list[str] | None]:
-        """A batch -> (images in [-1,1], prompts, class names or None). data.py batches are dicts with "image",
-        "prompt", "label" (names from `class_names`, the dataset's list); (images, prompts) tuples work too."""
-        if isinstance(batch, dict):
-            names = None
-            if "label" in batch and class_names is not None:
-                names = [class_names[int(j)] for j in batch["label"]]
-            return batch["image"], list(batch["prompt"]), names
-        return batch[0], list(batch[1]), None
+        """A batch -> (images in [-1,1], prompts, class names or None): a data.py dict ("image", "prompt", "label",
+        names from `class_names`, the dataset's list) or an (images, prompts) tuple."""
+        if not isinstance(batch, dict):
+            return batch[0], list(batch[1]), None
+        names = [class_names[int(j)] for j in batch["label"]] if "label" in batch and class_names is not None else None
+        return batch["image"], list(batch["prompt"]), names
 
     def kl_weight(self, step: int) -> tuple[float, float]:
         """(weight, capacity) at a training step: beta with linear warm-up, or gamma with C ramped linearly."""
@@ -211,10 +229,6 @@ class CLUE(nn.Module):
             ramp = min(1.0, step / c.capacity_ramp_steps) if c.capacity_ramp_steps > 0 else 1.0
             return c.gamma, c.capacity * ramp
         raise ValueError(f"CLUEConfig.kl_mode must be 'beta' or 'capacity', got {c.kl_mode!r}")
-
-    def forward(self, batch, step: int = 0, generator: torch.Generator | None = None):
-        """= loss(): a training step goes through forward() so that torch DDP can synchronise the gradients."""
-        return self.loss(batch, step, generator)
 
     def loss(self, batch, step: int = 0, generator: torch.Generator | None = None):
         """One training loss. Returns (loss, logs) with logs = {loss, mse, kl (nats per style dimension), ...}.
@@ -261,9 +275,8 @@ class CLUE(nn.Module):
             snr = self.schedule.snr(t)  # alpha_bar / (1 - alpha_bar)
             w = snr.clamp(max=self.cfg.min_snr_gamma)
             w = w / (snr + 1) if self.cfg.prediction_type == "v_prediction" else w / snr
-            mse = (w * mse_b).mean()
-        else:
-            mse = mse_b.mean()
+            mse_b = w * mse_b
+        mse = mse_b.mean()
         weight, capacity = self.kl_weight(step)
         if self.style_encoder is None:
             loss = mse
@@ -275,105 +288,115 @@ class CLUE(nn.Module):
         return loss, logs
 
     # ---------------------------------------------------------------- style sources
-    def make_style(self, mode, n: int, *, tau: float = 1.0, classes: list[str] | None = None,
-                   reference: torch.Tensor | None = None, reference_prompts: list[str] | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """n style token sets (n,K,D) from one source:
-        "prior": s ~ N(0, tau^2 I) (tau=0: the mean style, zeros); "posterior": the class's Gaussian fitted to the
-        training images' styles (fit_style_posterior), its covariance scaled by tau^2; "posterior_sample": the mu
-        of a random training image of the class; "reference": mu of the encoder on reference images in [-1,1]
-        (with reference_prompts, default the generation prompts); a tensor (K,D) / (1|n,K,D): used as given;
-        None: no style branch."""
-        if mode is None:
-            return None
+    @property
+    def style_shape(self) -> tuple[int, int]:
+        """(K, D): style tokens per image and their width."""
+        return self.style_encoder.cfg.tokens, self.style_encoder.cfg.context_dim
+
+    def make_style(self, choice: StyleChoice, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n style token sets (n,K,D) from choice.source (StyleChoice), random draws from `generator`."""
         if self.style_encoder is None:
             raise ValueError("this model has no style branch (style tokens 0 / plain SD): use style=None")
-        K, D, dev = self.style_encoder.cfg.tokens, self.style_encoder.cfg.context_dim, self.device
-        if isinstance(mode, torch.Tensor):
-            s = mode.to(dev, torch.float32)
-            s = s[None] if s.dim() == 2 else s
-            if s.shape[1:] != (K, D) or s.shape[0] not in (1, n):
-                raise ValueError(f"a style tensor must be (K,D)=({K},{D}) or (1|{n},{K},{D}), got {tuple(mode.shape)}")
-            return s.expand(n, K, D).contiguous()
-        if mode == "prior":
-            return tau * randn_cpu((n, K, D), generator, dev)
-        if mode in ("posterior", "posterior_sample"):
-            if not self.style_posterior:
-                raise ValueError("no style posterior in this model: run fit_style_posterior(loader) (train.py does "
-                                 "it before saving) or use style='prior'")
-            if classes is None or len(classes) != n:
-                raise ValueError(f"style={mode!r} needs classes=[one class name per image] ({n}); known: "
-                                 f"{sorted(self.style_posterior)}")
-            out = []
-            for name in classes:
-                if str(name) not in self.style_posterior:
-                    raise ValueError(f"class {name!r} not in the style posterior; known: "
-                                     f"{sorted(self.style_posterior)}")
-                if mode == "posterior":
-                    out.append(style_stats.posterior_draw(self.style_posterior[str(name)], tau, generator))
-                else:
-                    mus = self.style_posterior[str(name)]["mus"]
-                    out.append(mus[torch.randint(len(mus), (1,), generator=generator).item()])
-            return torch.stack(out).to(dev, torch.float32)
-        if mode == "reference":
-            if reference is None or reference_prompts is None:
-                raise ValueError("style='reference' needs reference images (B,3,H,W) in [-1,1] and their prompts")
-            if reference.dim() == 3:
-                reference = reference[None]
-            with torch.no_grad():
-                z0 = self.encode_images(reference, sample=False)
-                mu, _ = self.encode_style(z0, self.encode_prompts(list(reference_prompts)[:len(z0)]))
-            if len(mu) not in (1, n):
-                raise ValueError(f"style='reference': {len(mu)} reference images for {n} images; give 1 or {n}")
-            return mu.float().expand(n, K, D).contiguous()
-        raise ValueError(f"style must be None, a tensor or one of {STYLE_MODES}, got {mode!r}")
+        if isinstance(choice.source, torch.Tensor):
+            return self._given_style(choice.source, n)
+        makers = {"prior": self._prior_style, "posterior": self._posterior_style,
+                  "posterior_sample": self._posterior_sample_style, "reference": self._reference_style}
+        if not isinstance(choice.source, str) or choice.source not in makers:
+            raise ValueError(f"style source must be a tensor or one of {STYLE_SOURCES}, got {choice.source!r}")
+        return makers[choice.source](choice, n, generator)
+
+    def _given_style(self, style: torch.Tensor, n: int) -> torch.Tensor:
+        """Style tokens (K,D) or (1|n,K,D), used as given."""
+        (K, D), s = self.style_shape, style.to(self.device, torch.float32)
+        s = s[None] if s.dim() == 2 else s
+        if s.shape[1:] != (K, D) or s.shape[0] not in (1, n):
+            raise ValueError(f"a style tensor must be (K,D)=({K},{D}) or (1|{n},{K},{D}), got {tuple(style.shape)}")
+        return s.expand(n, K, D).contiguous()
+
+    def _prior_style(self, choice: StyleChoice, n: int, generator) -> torch.Tensor:
+        """s ~ N(0, tau^2 I): the paper's unprompted embeddings (tau = 0: the mean style, zeros)."""
+        return choice.tau * randn_cpu((n, *self.style_shape), generator, self.device)
+
+    def _class_posteriors(self, choice: StyleChoice, n: int) -> list[dict]:
+        """The fitted style posterior (fit_style_posterior) of each image's class, choice.classes."""
+        known = sorted(self.style_posterior)
+        if not known:
+            raise ValueError("no style posterior in this model: run fit_style_posterior(loader) (train.py does "
+                             "it before saving) or the prior")
+        if choice.classes is None or len(choice.classes) != n:
+            raise ValueError(f"style={choice.source!r} needs classes=[one class name per image] ({n}); known: {known}")
+        for name in choice.classes:
+            if str(name) not in self.style_posterior:
+                raise ValueError(f"class {name!r} not in the style posterior; known: {known}")
+        return [self.style_posterior[str(name)] for name in choice.classes]
+
+    def _posterior_style(self, choice: StyleChoice, n: int, generator) -> torch.Tensor:
+        """A draw from each class's Gaussian fitted to its training images' styles, the covariance x tau^2."""
+        draws = [style_stats.posterior_draw(p, choice.tau, generator) for p in self._class_posteriors(choice, n)]
+        return torch.stack(draws).to(self.device, torch.float32)
+
+    def _posterior_sample_style(self, choice: StyleChoice, n: int, generator) -> torch.Tensor:
+        """The mu of a random training image of each class."""
+        mus = [p["mus"] for p in self._class_posteriors(choice, n)]
+        picks = [m[torch.randint(len(m), (1,), generator=generator).item()] for m in mus]
+        return torch.stack(picks).to(self.device, torch.float32)
+
+    def _reference_style(self, choice: StyleChoice, n: int, generator=None) -> torch.Tensor:
+        """mu of the encoder on the reference images in [-1,1] (one, or one per image) with their prompts."""
+        if choice.reference is None or choice.reference_prompts is None:
+            raise ValueError("style='reference' needs reference images (B,3,H,W) in [-1,1] and their prompts")
+        reference = choice.reference[None] if choice.reference.dim() == 3 else choice.reference
+        with torch.no_grad():
+            z0 = self.encode_images(reference, sample=False)
+            mu, _ = self.encode_style(z0, self.encode_prompts(list(choice.reference_prompts)[:len(z0)]))
+        if len(mu) not in (1, n):
+            raise ValueError(f"style='reference': {len(mu)} reference images for {n} images; give 1 or {n}")
+        return mu.float().expand(n, *self.style_shape).contiguous()
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, prompts: list[str] | str, negative_prompt: str | list[str] = "", steps: int = 50,
-                 guidance: float = 7.5, eta: float = 0.0, seed: int | None = None,
-                 generator: torch.Generator | None = None, height: int | None = None, width: int | None = None,
-                 style=None, tau: float = 1.0, style_scale: float = 1.0, classes: list[str] | None = None,
-                 reference: torch.Tensor | None = None, reference_prompts: list[str] | None = None,
-                 style_seed: int | None = None, latents: torch.Tensor | None = None, output: str = "image",
-                 progress: bool = True) -> torch.Tensor:
-        """Text(-and-style)-to-image with DDIM and classifier-free guidance.
+    def generate(self, prompts: list[str] | str, sampling: Sampling | None = None, style: StyleChoice | None = None,
+                 *, seed: int | None = None, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output: str = "image", progress: bool = True) -> torch.Tensor:
+        """Text(-and-style)-to-image, one image per prompt, with DDIM and classifier-free guidance (`sampling`,
+        default Sampling()); `style`: where the style tokens come from (StyleChoice), None: no style branch.
 
-        prompts: one per image. style: see make_style (None, a tensor, or "prior" | "posterior" |
-        "posterior_sample" | "reference"). Random numbers: the initial latents come from `generator` (or a CPU
-        generator seeded with `seed`, or the global RNG); style draws come next from the same generator, or
-        from their own when `style_seed` is given (fixed noise, varying style). latents: initial z_T
-        (B,4,h,w), replacing the draw. guidance <= 1 runs the text branch only, as diffusers does.
+        Random numbers: the initial latents come from `generator` (or a CPU generator seeded with `seed`, or the
+        global RNG); style draws come next from the same generator, or from their own when StyleChoice.seed is
+        given (fixed noise, varying style). latents: initial z_T (B,4,h,w), replacing the draw.
         Returns images in [0, 1] (B,3,H,W), or for output="latent" the final scaled latents (decode_latents)."""
+        sp = sampling or Sampling()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         B, dev = len(prompts), self.device
-        negs = [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = [sp.negative_prompt] * B if isinstance(sp.negative_prompt, str) else list(sp.negative_prompt)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        height, width = height or self.cfg.image_size, width or self.cfg.image_size
-        f = 2 ** (len(self.vae.cfg.block_channels) - 1)  # VAE downsampling factor
+        height, width = sp.height or self.cfg.image_size, sp.width or self.cfg.image_size
+        f = self.vae.cfg.downsample_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
         if latents is None:  # DDIM's initial noise sigma is 1
             latents = randn_cpu((B, self.unet.cfg.in_channels, height // f, width // f), generator, dev)
         x = latents.to(dev, torch.float32)
-        style_gen = torch.Generator().manual_seed(style_seed) if style_seed is not None else generator
-        s = self.make_style(style, B, tau=tau, classes=classes, reference=reference,
-                            reference_prompts=reference_prompts or prompts, generator=style_gen)
-        cfg_on = guidance > 1.0
+        s, style_scale = None, 1.0
+        if style is not None:  # reference prompts default to the prompts
+            style_gen = torch.Generator().manual_seed(style.seed) if style.seed is not None else generator
+            s = self.make_style(replace(style, reference_prompts=style.reference_prompts or prompts), B, style_gen)
+            style_scale = style.scale
+        cfg_on = sp.guidance > 1.0
         c = self.encode_prompts(prompts)
         context = torch.cat([self.encode_prompts(negs), c]) if cfg_on else c  # unconditional half first
         style_in = (torch.cat([s, s]) if cfg_on else s) if s is not None else None  # same style in both halves
         sampler = DDIMSampler(self.schedule, **self.sampler_config)
-        timesteps = sampler.set_timesteps(steps)
+        timesteps = sampler.set_timesteps(sp.steps)
         for t in tqdm(timesteps.tolist(), desc="DDIM", disable=not progress, leave=False):
             x_in = torch.cat([x, x]) if cfg_on else x
             out = self.unet(x_in, torch.full((len(x_in),), t, device=dev), context, style=style_in,
                             style_scale=style_scale).float()
             if cfg_on:
                 out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + guidance * (out_cond - out_uncond)  # classifier-free guidance
-            x = sampler.step(out, t, x, eta=eta, generator=generator)  # DDIM eq. 12
+                out = out_uncond + sp.guidance * (out_cond - out_uncond)  # classifier-free guidance
+            x = sampler.step(out, t, x, eta=sp.eta, generator=generator)  # DDIM eq. 12
         return x if output == "latent" else self.decode_latents(x)
 
     @torch.no_grad()

@@ -44,6 +44,11 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 SD_SAMPLER = dict(steps_offset=1, set_alpha_to_one=False)
 
 
+def sd_image_size(prediction_type: str) -> int:
+    """The native resolution in pixels of an SD release: 768 for v-prediction (SD 2.x-v), 512 for epsilon."""
+    return 768 if prediction_type == "v_prediction" else 512
+
+
 class NoiseSchedule:
     """The forward process q(x_t | x_0) and the conversions between eps, v and x_0."""
 
@@ -139,21 +144,28 @@ def _leading_timesteps(num_train_timesteps: int, n: int, steps_offset: int) -> t
 
 
 def randn_cpu(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
-    """N(0, I) noise drawn on the CPU (from an optional CPU generator), then moved to `device`: the same seed gives
-    the same numbers on every device, as diffusers' randn_tensor does for a CPU generator."""
+    """N(0, I) drawn in float32 on the CPU (from an optional CPU generator), then moved to `device`: the same seed
+    gives the same numbers on every device, as diffusers' randn_tensor does for a CPU generator. CLUE's draws."""
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
 
 
-def _variance_noise(x: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None) -> torch.Tensor:
-    """z ~ N(0, I) shaped like x: the given `noise`, or drawn from `generator` on its own device."""
-    if noise is not None and generator is not None:
-        raise ValueError("step: pass either a generator or explicit noise, not both")
-    if noise is not None:
-        if noise.shape != x.shape:
-            raise ValueError(f"step: noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
-        return noise.to(device=x.device, dtype=x.dtype)
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, I) shaped like x, in x's dtype, drawn where `generator` lives (else on x's device), then moved to x's
+    device: the samplers' and the VAE posterior's draws, as diffusers' randn_tensor (the global RNG of x's device
+    without a generator, which randn_cpu would not use)."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _variance_noise(x: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """z ~ N(0, I) shaped like x for a sampler step: the given `noise`, or randn_like(x, generator)."""
+    if noise is None:
+        return randn_like(x, generator)
+    if generator is not None:
+        raise ValueError("step: pass either a generator or explicit noise, not both")
+    if noise.shape != x.shape:
+        raise ValueError(f"step: noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
+    return noise.to(device=x.device, dtype=x.dtype)
 
 
 class DDIMSampler:

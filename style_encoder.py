@@ -25,10 +25,8 @@ The encoder is the approximate posterior q(s | z0, c) = N(mu, diag sigma^2) of a
 - `prior_mmd` compares the styles of a whole batch (the aggregated posterior) with the prior, which the
   per-image KL cannot do (why: clue.py's docstring).
 
-Initialisation: the logvar head is zero (sigma = 1 for every input); the mu head keeps PyTorch's default
-init, so mu starts at ~0.6 per dimension (LayerNorm-ed inputs), a KL of ~0.2 nats per dimension that the
-objective then shapes. (A mu head scaled down to |mu| ~ 1e-2, to start exactly at the prior, left the style
-unused for a whole demo run: the diffusion loss had no style signal to amplify.)
+Initialisation: the logvar head is zero (sigma = 1 for every input); the mu head keeps PyTorch's default init
+(|mu| ~ 0.6 per dimension), so that the diffusion loss sees a style signal to amplify from the first step.
 log sigma^2 is clamped to [LOGVAR_MIN, LOGVAR_MAX] (as ldm clamps its VAE posterior) so that exp()
 cannot overflow and sigma cannot collapse to exactly zero. Left out: any attention masking of the
 padded prompt tokens (SD's U-Net attends to all 77, and so does this encoder).
@@ -41,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from schedulers import randn_like
 from unet import Attention, FeedForward, timestep_embedding
 
 LOGVAR_MIN = -10.0  # sigma >= e^-5 ~ 0.007: far below the prior's 1, still no exact collapse
@@ -120,9 +119,7 @@ class StyleEncoder(nn.Module):
         self.norm_out = nn.LayerNorm(W)
         self.to_mu = nn.Linear(W, cfg.context_dim)
         self.to_logvar = nn.Linear(W, cfg.context_dim)
-        # sigma = 1 exactly at the start; the mu head keeps PyTorch's default init (|mu| ~ 0.6): a head
-        # scaled to |mu| ~ 1e-2 kept the style unused for the whole demo run once the MMD term was on
-        nn.init.zeros_(self.to_logvar.weight)
+        nn.init.zeros_(self.to_logvar.weight)  # sigma = 1 at the start; the mu head keeps its init (docstring)
         nn.init.zeros_(self.to_logvar.bias)
 
     def forward(self, z0: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +149,8 @@ class StyleEncoder(nn.Module):
     def sample(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
                eps: torch.Tensor | None = None) -> torch.Tensor:
         """Reparameterised draw s = mu + sigma * eps, eps ~ N(0, I), sigma = exp(logvar / 2) (K&W Sec. 2.4).
-        eps is drawn from `generator` (on mu's device) unless given (clue.py draws it on the CPU)."""
-        if eps is None:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps is drawn from `generator` (schedulers.randn_like) unless given (clue.py draws it with randn_cpu)."""
+        eps = randn_like(mu, generator) if eps is None else eps
         return mu + torch.exp(0.5 * logvar) * eps
 
     @staticmethod
@@ -164,11 +160,6 @@ class StyleEncoder(nn.Module):
         dtype = torch.promote_types(mu.dtype, torch.float32)
         mu, logvar = mu.to(dtype), logvar.to(dtype)
         return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-
-    @classmethod
-    def kl_per_dim_mean(cls, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """The KL term as the loss uses it: a scalar, nats per style dimension (mean over batch, K and D)."""
-        return cls.kl(mu, logvar).mean()
 
     @staticmethod
     def prior_mmd(s: torch.Tensor) -> torch.Tensor:

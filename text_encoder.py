@@ -26,8 +26,7 @@ mask alone keeps real tokens blind to the padding after them), prompt weighting 
 longer than 77 tokens (they are truncated, keeping the end token, as the SD tokenizers do).
 
 Tokenizer: open_clip's `SimpleTokenizer` (byte-level BPE; its vocabulary file ships inside the
-open_clip package, so this works offline). `hf_clip_to_open_clip` maps a transformers
-`CLIPTextModel` state dict onto our names; `text_config_from_hf` reads its config.
+open_clip package, so this works offline). convert.py maps transformers' `CLIPTextModel` onto these names.
 """
 from __future__ import annotations
 
@@ -86,8 +85,9 @@ class TextConfig:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _bpe() -> SimpleTokenizer:
-    return SimpleTokenizer()  # reads open_clip's bundled bpe_simple_vocab_16e6.txt.gz
+def bpe_tokenizer() -> SimpleTokenizer:
+    """open_clip's byte-level BPE, built once from its bundled bpe_simple_vocab_16e6.txt.gz."""
+    return SimpleTokenizer()
 
 
 def tokenize(prompts: str | list[str], context_length: int = 77, pad: str = "zero") -> torch.Tensor:
@@ -103,7 +103,7 @@ def tokenize(prompts: str | list[str], context_length: int = 77, pad: str = "zer
         raise ValueError(f"tokenize: pad must be 'zero' or 'eos', got {pad!r}")
     if isinstance(prompts, str):
         prompts = [prompts]
-    bpe = _bpe()
+    bpe = bpe_tokenizer()
     pad_id = 0 if pad == "zero" else EOT_TOKEN
     tokens = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)
     for i, prompt in enumerate(prompts):

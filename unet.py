@@ -355,6 +355,9 @@ class UNet(nn.Module):
         return module(*args)
 
     def _check(self, x, t, context, style):
+        if style is not None and not self.cfg.style:  # would be ignored silently
+            raise ValueError("unet.py: style tokens given to a U-Net without the style branch (UNetConfig(style=False), "
+                             "e.g. plain SD weights): load with style=True or build CLUE")
         B = x.shape[0]
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"unet.py: x must be (B, {self.cfg.in_channels}, H, W) latents, got {tuple(x.shape)}")

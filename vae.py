@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from schedulers import randn_like
 from unet import Attention, Downsample, ResnetBlock, Upsample
 
 
@@ -41,6 +42,11 @@ class VAEConfig:
         bad = [c for c in self.block_channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"VAEConfig: widths {bad} are not divisible by norm_groups={self.norm_groups}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along a side: H and W halve at every level but the last (SD: 8)."""
+        return 2 ** (len(self.block_channels) - 1)
 
     @classmethod
     def sd(cls, **kw):
@@ -63,10 +69,8 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None):
-        """z = mean + std * eps, eps ~ N(0, I) drawn with `generator` (on the generator's device, then moved)."""
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        """z = mean + std * eps, eps ~ N(0, I) drawn with `generator` (schedulers.randn_like)."""
+        return self.mean + self.std * randn_like(self.mean, generator)
 
     def mode(self):
         return self.mean

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clue import CLUE, CLUEConfig, slerp
+from clue import CLUE, CLUEConfig, Sampling, StyleChoice, slerp
 from checkpoint import CheckpointError, load_clue, save_clue, save_stable_diffusion
 from convert import load_stable_diffusion
 from data import ClassFolderDataset
@@ -162,9 +162,9 @@ def test_clue_on_converted_sd_is_bit_identical_before_training(sd_dir):
     print(f"CLUE U-Net (style branch added, zero-init) vs diffusers U-Net: max abs err {err:.2e}")
     assert err < 1e-4
     assert torch.equal(plain, with_style) and torch.equal(plain, base)  # bit-identical
-    kw = dict(steps=4, seed=3, height=16, width=16, progress=False, negative_prompt="blurry")
-    img_style = clue.generate(["a red square"], style="prior", tau=1.0, **kw)
-    img_plain = vanilla.generate(["a red square"], **kw)
+    sampling = Sampling(steps=4, height=16, width=16, negative_prompt="blurry")
+    img_style = clue.generate(["a red square"], sampling, StyleChoice("prior", tau=1.0), seed=3, progress=False)
+    img_plain = vanilla.generate(["a red square"], sampling, seed=3, progress=False)
     assert torch.equal(img_style, img_plain)
 
 
@@ -176,7 +176,7 @@ def test_vanilla_baseline_has_no_style_parameters(sd_dir):
         assert model.style_encoder is None and not model.unet.cfg.style
         assert not [n for n in names if "style" in n]
         with pytest.raises(ValueError, match="no style branch"):
-            model.make_style("prior", 1)
+            model.make_style(StyleChoice("prior"), 1)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -270,13 +270,13 @@ def test_text_and_style_dropout(trained):
 # ------------------------------------------------------------------------------------------ generation
 def test_temperature_zero_and_style_draws(trained):
     model, _, _, _ = trained
-    kw = dict(steps=5, seed=11, progress=False, style="prior")
-    a = model.generate(["a picture of vertical bars"] * 2, tau=0.0, style_seed=1, **kw)
-    b = model.generate(["a picture of vertical bars"] * 2, tau=0.0, style_seed=2, **kw)
-    zeros = model.generate(["a picture of vertical bars"] * 2, **{**kw, "style": torch.zeros(4, 64)})
+    prompts, kw = ["a picture of vertical bars"] * 2, dict(sampling=Sampling(steps=5), seed=11, progress=False)
+    a = model.generate(prompts, style=StyleChoice("prior", tau=0.0, seed=1), **kw)
+    b = model.generate(prompts, style=StyleChoice("prior", tau=0.0, seed=2), **kw)
+    zeros = model.generate(prompts, style=StyleChoice(torch.zeros(4, 64)), **kw)
     assert torch.equal(a, b) and torch.equal(a, zeros)
-    c = model.generate(["a picture of vertical bars"] * 2, tau=1.0, style_seed=1, **kw)
-    d = model.generate(["a picture of vertical bars"] * 2, tau=1.0, style_seed=2, **kw)
+    c = model.generate(prompts, style=StyleChoice("prior", tau=1.0, seed=1), **kw)
+    d = model.generate(prompts, style=StyleChoice("prior", tau=1.0, seed=2), **kw)
     diff = (c - d).abs().max().item()
     print(f"two prior style draws (same noise): images differ by max {diff:.3f}")
     assert diff > 5e-2
@@ -287,23 +287,23 @@ def test_reference_style_is_the_encoder_mu(trained, data):
     ref, prompt = batch["image"][:1], [batch["prompt"][0]]
     with torch.no_grad():
         mu, _ = model.style_encoder(model.encode_images(ref, sample=False), model.encode_prompts(prompt))
-    s = model.make_style("reference", 3, reference=ref, reference_prompts=prompt)
+    s = model.make_style(StyleChoice("reference", reference=ref, reference_prompts=prompt), 3)
     assert s.shape == (3, 4, 64) and torch.equal(s, mu.expand(3, -1, -1))
-    kw = dict(steps=3, seed=0, progress=False)
-    assert torch.equal(model.generate(prompt, style="reference", reference=ref, **kw),
-                       model.generate(prompt, style=mu, **kw))
+    kw = dict(sampling=Sampling(steps=3), seed=0, progress=False)
+    assert torch.equal(model.generate(prompt, style=StyleChoice("reference", reference=ref), **kw),
+                       model.generate(prompt, style=StyleChoice(mu), **kw))
 
 
 def test_guidance_is_one_batched_unet_call_per_step(trained):
     model, _, _, _ = trained
     calls, handle = _capture_unet(model)
     try:
-        model.generate(["a", "b", "c"], steps=4, guidance=7.5, style="prior", progress=False)
+        model.generate(["a", "b", "c"], Sampling(steps=4, guidance=7.5), StyleChoice("prior"), progress=False)
         assert len(calls) == 4 and all(c["args"][0].shape[0] == 6 for c in calls)
         style = calls[0]["kwargs"]["style"]
         assert torch.equal(style[:3], style[3:])  # the same style in the unconditional and the text half
         calls.clear()
-        model.generate(["a", "b", "c"], steps=4, guidance=1.0, progress=False)
+        model.generate(["a", "b", "c"], Sampling(steps=4, guidance=1.0), progress=False)
         assert len(calls) == 4 and all(c["args"][0].shape[0] == 3 for c in calls)
     finally:
         handle.remove()
@@ -331,14 +331,14 @@ def test_style_posterior(trained, data):
     for name, p in post.items():
         assert p["mus"].shape == (4, 4, 64) and p["prompt"] == PROMPT.replace("{class}", name)
         assert torch.allclose(p["mean"], p["mus"].mean(0)) and torch.allclose(p["var"], p["mus"].var(0, False))
-    s = model.make_style("posterior_sample", 3, classes=["vertical bars"] * 3,
-                         generator=torch.Generator().manual_seed(0))
+    s = model.make_style(StyleChoice("posterior_sample", classes=["vertical bars"] * 3), 3,
+                         torch.Generator().manual_seed(0))
     for row in s:  # each is the mu of one training image of that class
         assert any(torch.equal(row, m) for m in post["vertical bars"]["mus"])
-    s0 = model.make_style("posterior", 2, tau=0.0, classes=["horizontal bars"] * 2)
+    s0 = model.make_style(StyleChoice("posterior", tau=0.0, classes=["horizontal bars"] * 2), 2)
     assert torch.equal(s0[0], post["horizontal bars"]["mean"])
     with pytest.raises(ValueError, match="known"):
-        model.make_style("posterior", 1, classes=["nope"])
+        model.make_style(StyleChoice("posterior", classes=["nope"]), 1)
 
 
 def test_diagnostics(trained, data):
@@ -368,11 +368,12 @@ def test_save_load_same_generation(trained, data, tmp_path):
     for name in model.style_posterior:
         for k in ("mean", "var", "mus"):
             assert torch.equal(back.style_posterior[name][k], model.style_posterior[name][k])
-    for style in ("prior", "posterior", "posterior_sample"):
-        kw = dict(steps=4, seed=5, progress=False, style=style, classes=["vertical bars", "horizontal bars"])
+    for source in ("prior", "posterior", "posterior_sample"):
+        kw = dict(sampling=Sampling(steps=4), style=StyleChoice(source, classes=["vertical bars", "horizontal bars"]),
+                  seed=5, progress=False)
         a = model.generate(["a picture of vertical bars", "a picture of horizontal bars"], **kw)
         b = back.generate(["a picture of vertical bars", "a picture of horizontal bars"], **kw)
-        assert torch.equal(a, b), style
+        assert torch.equal(a, b), source
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert cfg["format"] == "clue-pytorch" and cfg["style"]["tokens"] == 4 and cfg["diagnostics"]["loss_none"] > 0
 

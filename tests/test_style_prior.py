@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from clue import StyleChoice
 from data import ClassFolderDataset
 from style_encoder import StyleEncoder
 from test_clue import PROMPT, make_image_folder, small_clue
@@ -133,7 +134,7 @@ def test_class_posterior_keeps_the_style_direction(folder):
         assert torch.allclose(model_cov.diagonal().float(), p["var"].flatten() + 0.09, atol=1e-5)
     # draws along the style direction are as wide as the data's; a diagonal Gaussian's would be ~10x narrower
     name = "vertical bars"
-    s = model.make_style("posterior", 4000, classes=[name] * 4000, generator=torch.Generator().manual_seed(0))
+    s = model.make_style(StyleChoice("posterior", classes=[name] * 4000), 4000, torch.Generator().manual_seed(0))
     along = (s.flatten(1) @ u).var().item()
     data_along = (post[name]["mus"].flatten(1) @ u).var(unbiased=False).item()
     diag_along = (post[name]["var"].flatten() * u ** 2).sum().item()

@@ -94,9 +94,9 @@ def hf_tokenizer_files(tmp_path_factory):
     """vocab.json + merges.txt of the CLIP BPE, written from open_clip's bundled vocabulary
     (the same 49408 tokens as the SD repositories' tokenizer files)."""
     folder = tmp_path_factory.mktemp("clip_tokenizer")
-    from text_encoder import _bpe
+    from text_encoder import bpe_tokenizer
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {names.get(k, k): v for k, v in _bpe().encoder.items()}
+    vocab = {names.get(k, k): v for k, v in bpe_tokenizer().encoder.items()}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

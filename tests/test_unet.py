@@ -202,5 +202,8 @@ def test_bad_inputs_raise_clear_errors():
         model(x, t, context, style=torch.randn(1, 4, 64))
     with pytest.raises(ValueError, match="t must be"):
         model(x, torch.tensor([1, 2, 3]), context)
+    # style tokens for a U-Net without the style branch (e.g. plain SD weights) would be ignored: refused
+    with pytest.raises(ValueError, match=r"without the style branch.*style=True or build CLUE"):
+        UNet(UNetConfig.tiny(style=False))(x, t, context, style=style)
     with pytest.raises(ValueError, match="divisible"):
         UNetConfig(block_channels=(48, 96), attention_levels=(True, True), num_heads=(5, 5))

@@ -31,7 +31,8 @@ def test_parity_with_diffusers(cfg):
                                             - expected.sample(torch.Generator().manual_seed(3))).abs().max().item()}
         z = expected.mean
         errs["decode"] = (ours.decode(z) - ref.decode(z).sample).abs().max().item()
-    factor = 2 ** (len(cfg.block_channels) - 1)
+    factor = cfg.downsample_factor
+    assert factor == 2 ** (len(cfg.block_channels) - 1)
     assert got.mean.shape == (2, cfg.latent_channels, 32 // factor, 48 // factor)
     for name, err in errs.items():
         print(f"\nVAE {cfg.block_channels} {name} vs diffusers: max abs err {err:.2e}" + (" (relative)" if name == "kl" else ""))
@@ -43,7 +44,7 @@ def test_sd_preset_has_the_released_shapes():
         ref, ours = AutoencoderKL(**vae_to_diffusers(VAEConfig.sd())), VAE(VAEConfig.sd())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == 83_653_863
-    assert VAEConfig.sd().scale_factor == 0.18215
+    assert VAEConfig.sd().scale_factor == 0.18215 and VAEConfig.sd().downsample_factor == 8
 
 
 def test_diagonal_gaussian():
