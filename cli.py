@@ -53,6 +53,13 @@ def probability(text: str) -> float:
     return _number(float, text, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
 
 
+def comma_list(item):
+    """A `type=` for comma-separated values, each checked by `item`: comma_list(non_negative_float)("0,1,2")."""
+    def parse(text: str) -> list:
+        return [item(x) for x in text.split(",")]
+    return parse
+
+
 # The errors that mean "the input was wrong", not "the code is wrong": files the user named that are missing or
 # broken, and values that contradict each other. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (UsageError, CheckpointError, DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
