@@ -1,23 +1,19 @@
-"""The CLUE paper's evaluation protocol on image folders: FID, k-NN precision / recall, density /
-coverage, memorisation, and the F1 of classifiers trained on synthetic data.
-
-CLUE (arXiv 2511.10993) reports FID, k-NN recall and the macro F1 of a classifier trained on
-synthetic images (../shared/PAPER.md, ../shared/DESIGN.md "Evaluation protocol"). Implemented here:
-- FID (Heusel et al. 2017, Sec. 4):  d^2 = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))
-  on Inception-v3 pool3 features (inception.py, pytorch-fid's network and weights) or on the
-  penultimate features of a domain classifier (classifier.py).
-- Improved precision and recall (Kynkaanniemi et al. 2019, Sec. 2): the real manifold is the union of
-  balls around every real feature with radius its distance to its k-th nearest real neighbour (k=3);
-  precision = share of generated samples inside it; recall = share of real samples inside the
-  generated manifold. Density and coverage (Naeem et al. 2020, Sec. 3, k=5):
-  density = 1/(kM) sum_j sum_i 1[Y_j in B(X_i, NND_k(X_i))], coverage = share of real balls that hold
-  at least one generated sample.
-- Memorisation: share of generated images whose nearest training image is closer to them than that
-  training image's own nearest training neighbour (a near copy).
-- Downstream utility: the same classifier trained on (a) real, (b) synthetic at s % of the real count
-  per class, class-balanced, (c) real + an equal amount of synthetic; macro F1 on real test sets.
-Conventions (see docs/eval.md): "inside a ball" is a strict `<` (as the prdc package); ties cannot
-flip a k-th-neighbour radius (it is a value, not an index); covariances are unbiased (N-1).
+"""The CLUE paper's evaluation protocol on image folders: FID, k-NN precision / recall, density / coverage,
+memorisation, and the F1 of classifiers trained on synthetic data (arXiv 2511.10993; ../shared/DESIGN.md,
+"Evaluation protocol").
+- FID (Heusel et al. 2017, Sec. 4): d^2 = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)) on Inception-v3
+  pool3 features (inception.py, pytorch-fid's network and weights) or a domain classifier's (classifier.py).
+- Improved precision and recall (Kynkaanniemi et al. 2019, Sec. 2): the real manifold is the union of balls around
+  every real feature, radius the distance to its k-th nearest real neighbour (k=3); precision = share of generated
+  samples inside it, recall = share of real samples inside the generated manifold. Density and coverage (Naeem et
+  al. 2020, Sec. 3, k=5): density = 1/(kM) sum_j sum_i 1[Y_j in B(X_i, NND_k(X_i))], coverage = share of real
+  balls that hold at least one generated sample.
+- Memorisation: share of generated images whose nearest training image is closer to them than that training
+  image's own nearest training neighbour (a near copy).
+- Downstream utility (classifier.run_classify): the same classifier on real, synthetic at s % of the real count
+  per class (class-balanced), real + synthetic; macro F1 on real test sets.
+Conventions (README, "Evaluate"): "inside a ball" is a strict `<` (as the prdc package); ties cannot flip a
+k-th-neighbour radius (a value, not an index); covariances are unbiased (N-1).
 Left out: Inception Score, KID, the 64/192/768-d Inception blocks, multi-GPU.
 """
 from __future__ import annotations
@@ -34,37 +30,19 @@ import numpy as np
 import scipy.linalg
 import torch
 from PIL import Image, ImageOps
-from safetensors import safe_open
 from sklearn.metrics.pairwise import euclidean_distances
 from tqdm.auto import tqdm
 
 import classifier as clf
-from checkpoint import atomic_write_json, atomic_write_safetensors
-from data import DIGITS_ARGS, to_rgb, cache_root, load_image, resolve_data
+from checkpoint import CheckpointError, atomic_write_json, read_checkpoint, write_checkpoint
+from cli import UsageError, non_negative_int, positive_float, positive_int, run
+from data import DIGITS_ARGS, IMAGE_EXTENSIONS, DataError, cache_root, list_images, load_image, resolve_data, to_rgb
 from inception import FID_WEIGHTS_NAME, load_fid_inception
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CHUNK = 2048  # rows of a distance matrix computed at once (memory: CHUNK x N float64)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Image folders -> features (batched, cached per folder)
-# ----------------------------------------------------------------------------------------------------
-
-def list_images(folder):
-    """Every image file under `folder` (flat, or DIR/<class>/...), recursively, sorted; hidden names skipped."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not found:
-        raise ValueError(f"{folder} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return found
-
-
+# -- 1. Image folders -> features (batched, cached per folder) ---------------------------------------------------------
 class InceptionFeatures:
     """pool3 of the FID Inception-v3: images at their own size in [0, 1]; the network resizes to 299."""
     name = "inception"
@@ -93,10 +71,9 @@ class ClassifierFeatures:
     def __init__(self, path, device="cpu"):
         self.model, config = clf.load_classifier(path, device)
         self.device, self.size, self.dim = device, self.model.cfg.image_size, self.model.cfg.feature_dim
-        weights = path if path.endswith(".safetensors") else os.path.join(path, "model.safetensors")
-        stat = os.stat(weights)
-        self.identity = {"net": "classifier", "preprocess": "data.load_image", "weights": os.path.abspath(weights),
-                         "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "config": config["classifier"]}
+        weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in self.model.state_dict().values()))
+        self.identity = {"net": "classifier", "preprocess": "data.load_image", "checkpoint": os.path.abspath(path),
+                         "weights_sha256": weights.hexdigest(), "config": config["classifier"]}
 
     def load(self, path):
         return load_image(path, self.size)
@@ -112,17 +89,22 @@ def extract_features(folder, extractor, cache_dir=None, batch_size=50, progress=
     Unreadable files are skipped with a warning. With `cache_dir`, results are cached there under a
     hash of the extractor's identity and of every file's relative path, size and modification time,
     so a changed, added or removed file, or another network, means a fresh extraction."""
-    files = list_images(folder)
+    files = [str(f) for f in list_images(folder)]
+    if not files:
+        raise DataError(f"{folder} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
     stats = [os.stat(f) for f in files]
     listing = [(os.path.relpath(f, folder), s.st_size, s.st_mtime_ns) for f, s in zip(files, stats)]
     key = hashlib.sha256(json.dumps({"extractor": extractor.identity, "files": listing},
                                     sort_keys=True).encode()).hexdigest()[:32]
-    cache_file = os.path.join(cache_dir, f"{extractor.name}-{key}.safetensors") if cache_dir else None
-    if cache_file and os.path.isfile(cache_file):
-        with safe_open(cache_file, "np") as cached:
-            kept = [os.path.join(folder, r) for r in json.loads(cached.metadata()["files"])]
-            print(f"features of {folder}: {len(kept)} images, from the cache {cache_file}", file=sys.stderr)
-            return cached.get_tensor("features").astype(np.float64), kept
+    cached = os.path.join(cache_dir, f"{extractor.name}-{key}") if cache_dir else None
+    if cached and os.path.isdir(cached):
+        try:
+            config, tensors = read_checkpoint(cached, "features")
+            kept = [os.path.join(folder, r) for r in config["files"]]
+            print(f"features of {folder}: {len(kept)} images, from the cache {cached}", file=sys.stderr)
+            return tensors["features"].numpy().astype(np.float64), kept
+        except (CheckpointError, FileNotFoundError, KeyError) as e:  # a broken cache entry: extract again
+            warnings.warn(f"ignoring the feature cache {cached}: {e}")
 
     feats, kept, batch, batch_paths = [], [], [], []
 
@@ -143,27 +125,24 @@ def extract_features(folder, extractor, cache_dir=None, batch_size=50, progress=
         batch.append(x), batch_paths.append(path)
     flush()
     if not kept:
-        raise ValueError(f"none of the {len(files)} image files under {folder} could be read")
+        raise DataError(f"none of the {len(files)} image files under {folder} could be read")
     features = torch.cat(feats)
-    if cache_file:
-        os.makedirs(cache_dir, exist_ok=True)
-        atomic_write_safetensors(cache_file, {"features": features},
-                                 {"files": json.dumps([os.path.relpath(p, folder) for p in kept])})
+    if cached:
+        write_checkpoint(cached, "features", {"files": [os.path.relpath(p, folder) for p in kept],
+                                              "extractor": extractor.identity}, {"features": features})
     return features.numpy(), kept
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Metrics on feature arrays (N, D)
-# ----------------------------------------------------------------------------------------------------
-
+# -- 2. Metrics on feature arrays (N, D) -------------------------------------------------------------------------------
 def _as_features(x, what, min_rows=1):
+    """Features as a float64 (N, D) array; DataError when the images cannot give the metric (too few, NaN)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"{what} features must be a 2-D array (N images, D dims), got shape {x.shape}")
     if len(x) < min_rows:
-        raise ValueError(f"{what}: need at least {min_rows} images, got {len(x)}")
+        raise DataError(f"{what}: need at least {min_rows} images, got {len(x)}")
     if not np.isfinite(x).all():
-        raise ValueError(f"{what} features contain NaN or inf")
+        raise DataError(f"{what} features contain NaN or inf")
     return x
 
 
@@ -203,7 +182,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if np.iscomplexobj(covmean):
         # sqrt of a product of two PSD matrices has real eigenvalues; round-off can add a small imaginary part
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: the matrix square root has a significant imaginary part "
+            raise DataError(f"frechet_distance: the matrix square root has a significant imaginary part "
                              f"(max {np.abs(covmean.imag).max():.3g}); the covariances are probably not "
                              "positive semi-definite or far too few images were used")
         covmean = covmean.real
@@ -274,10 +253,7 @@ def memorisation(train, fake, fake_names=None, train_names=None, top=20):
             "median_ratio": float(np.median(ratio)), "closest_pairs": pairs}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Reports of the classifier protocol (classifier.run_classify)
-# ----------------------------------------------------------------------------------------------------
-
+# -- 3. Reports of the classifier protocol (classifier.run_classify) ---------------------------------------------------
 def _pm(summary):
     return f"{summary['mean']:.4f} ± {summary['std']:.4f}" if summary else "-"
 
@@ -301,7 +277,7 @@ def classify_table(results):
 
 def plot_f1(results, path):
     """F1 against synthetic scale (synthetic only), with the real and real+synthetic arms as lines."""
-    import matplotlib
+    import matplotlib  # lazy: a heavy import (~1 s) that only this plot needs
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -316,11 +292,9 @@ def plot_f1(results, path):
                 ax.axhline(a[name]["mean"], color=color, ls="--" if a["arm"] == "real" else ":",
                            label=f"{a['arm']} ({name})")
     scales = [a["scale_percent"] for a in results["arms"] if a["arm"] == "synthetic"]
-    ax.set_xscale("log")
+    ax.set(xscale="log", xlabel="synthetic images, % of the real count per class", ylabel="macro F1")
     ax.set_xticks(scales, [f"{s} %" for s in scales])
     ax.minorticks_off()
-    ax.set_xlabel("synthetic images, % of the real count per class")
-    ax.set_ylabel("macro F1")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -328,15 +302,7 @@ def plot_f1(results, path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Command line
-# ----------------------------------------------------------------------------------------------------
-
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write_json(path, obj)
-
-
+# -- 4. Command line ---------------------------------------------------------------------------------------------------
 def _folder(arg):
     """A folder argument; 'digits' / 'digits:test' name the built-in demo data (data.py)."""
     return str(resolve_data(arg)) if arg in DIGITS_ARGS else arg
@@ -344,20 +310,19 @@ def _folder(arg):
 
 def _classifier_setup(args):
     make_cfg, make_recipe = clf.PRESETS[args.preset]
-    over = {k: v for k, v in [("width", args.width), ("depth", args.depth), ("image_size", args.image_size)]
-            if v is not None}
-    rover = {k: v for k, v in [("steps", args.steps), ("batch_size", args.train_batch_size), ("lr", args.lr)]
-             if v is not None}
-    return make_cfg(**over), make_recipe(**rover)
+    net = {k: getattr(args, k) for k in ("width", "depth", "image_size") if getattr(args, k) is not None}
+    recipe = {k: v for k, v in [("steps", args.steps), ("batch_size", args.train_batch_size), ("lr", args.lr)]
+              if v is not None}
+    return make_cfg(**net), make_recipe(**recipe)
 
 
 def cmd_metrics(args):
     if args.features == "inception":
         extractor = InceptionFeatures(args.inception_weights, args.device)
+    elif not args.classifier:
+        raise UsageError("--features classifier needs --classifier DIR (a folder written by `eval.py "
+                         "train-classifier` or `eval.py classify`)")
     else:
-        if not args.classifier:
-            raise SystemExit("--features classifier needs --classifier DIR (a folder written by "
-                             "`eval.py train-classifier` or `eval.py classify`)")
         extractor = ClassifierFeatures(args.classifier, args.device)
     cache = None if args.no_cache else (args.cache_dir or os.path.join(cache_root(), "eval_features"))
     get = lambda d: extract_features(_folder(d), extractor, cache, args.batch_size, not args.quiet)  # noqa: E731
@@ -372,9 +337,8 @@ def cmd_metrics(args):
         res["note"] = (f"fewer images than feature dimensions ({extractor.dim}): the covariances are singular "
                        "and FID is biased upwards; compare FIDs only at equal image counts")
     rows = [("features", f"{extractor.name} ({extractor.dim}-d)"), ("real / fake images", f"{len(real)} / {len(fake)}"),
-            ("FID", f"{res['fid']:.3f}"), (f"precision (k={args.k_pr})", f"{res['precision']:.4f}"),
-            (f"recall (k={args.k_pr})", f"{res['recall']:.4f}"), (f"density (k={args.k_dc})", f"{res['density']:.4f}"),
-            (f"coverage (k={args.k_dc})", f"{res['coverage']:.4f}")]
+            ("FID", f"{res['fid']:.3f}")] + [(f"{m} (k={k})", f"{res[m]:.4f}") for m, k in [
+                ("precision", args.k_pr), ("recall", args.k_pr), ("density", args.k_dc), ("coverage", args.k_dc)]]
     if args.train:
         train, train_files = get(args.train)
         rel = lambda files, root: [os.path.relpath(f, root) for f in files]  # noqa: E731
@@ -387,22 +351,19 @@ def cmd_metrics(args):
     if "note" in res:
         print(f"\nnote: {res['note']}")
     out = os.path.join(args.out or args.fake, "metrics.json")
-    _write_json(out, res)
+    atomic_write_json(out, res)
     print(f"\nwrote {out}", file=sys.stderr)
     return res
 
 
 def cmd_classify(args):
     cfg, recipe = _classifier_setup(args)
-    scales = [int(s) for s in args.scales.split(",") if s.strip()]
-    if not scales or min(scales) <= 0:
-        raise SystemExit(f"--scales must be positive percentages, e.g. 100,200,500,1000; got {args.scales!r}")
-    os.makedirs(args.out, exist_ok=True)
-    results = clf.run_classify(_folder(args.train), args.synthetic, _folder(args.test),
-                               _folder(args.external) if args.external else None, scales, args.combined,
-                               args.seeds, args.seed, cfg, recipe, args.device, not args.quiet, args.out)
+    protocol = clf.Protocol(_folder(args.train), args.synthetic, _folder(args.test),
+                            _folder(args.external) if args.external else None, args.scales, args.combined,
+                            args.seeds, args.seed)
+    results = clf.run_classify(protocol, cfg, recipe, args.device, not args.quiet, args.out)
     print(classify_table(results))
-    _write_json(os.path.join(args.out, "classify.json"), results)
+    atomic_write_json(os.path.join(args.out, "classify.json"), results)
     plot_f1(results, os.path.join(args.out, "classify_f1.png"))
     print(f"\nwrote {args.out}/classify.json, classify_f1.png, classifier_real/", file=sys.stderr)
     return results
@@ -419,41 +380,55 @@ def cmd_train_classifier(args):
         extra["test"] = clf.evaluate(model, tx, ty, len(names), args.device)
         print(f"test macro F1 {extra['test']['macro_f1']:.4f}, accuracy {extra['test']['accuracy']:.4f}")
     clf.save_classifier(args.out, model, recipe, extra)
-    print(f"wrote {args.out}/config.json, model.safetensors", file=sys.stderr)
+    print(f"wrote the classifier to {args.out}", file=sys.stderr)
     return extra
 
 
+def scale_list(text):
+    """--scales: comma-separated positive percentages, e.g. 100,200,500,1000."""
+    scales = tuple(positive_int(s.strip()) for s in text.split(",") if s.strip())
+    if not scales:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive percentages, e.g. 100,200,500,1000")
+    return scales
+
+
+EXAMPLES = f"""examples:
+  python eval.py train-classifier --train digits --test digits:test --out runs/digits_clf
+  python eval.py metrics --real digits:test --fake runs/samples --train digits \\
+      --features classifier --classifier runs/digits_clf
+  python eval.py metrics --real REAL_DIR --fake FAKE_DIR --inception-weights {FID_WEIGHTS_NAME}
+  python eval.py classify --train digits --synthetic runs/samples --test digits:test \\
+      --scales 100,200,500,1000 --combined --seeds 3 --preset digits32 --out runs/classify
+(--real/--fake/--train/--test/--external accept 'digits' and 'digits:test', the built-in demo data)"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  python eval.py train-classifier --train digits --test digits:test --out runs/digits_clf\n"
-               "  python eval.py metrics --real digits:test --fake runs/samples --train digits \\\n"
-               "      --features classifier --classifier runs/digits_clf\n"
-               "  python eval.py metrics --real REAL_DIR --fake FAKE_DIR --inception-weights " + FID_WEIGHTS_NAME + "\n"
-               "  python eval.py classify --train digits --synthetic runs/samples --test digits:test \\\n"
-               "      --scales 100,200,500,1000 --combined --seeds 3 --preset digits32 --out runs/classify\n"
-               "(--train/--test/--external accept 'digits' and 'digits:test', the built-in demo data)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(q):
+    def command(name, func, help):
+        q = sub.add_parser(name, help=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.set_defaults(func=func)
+        return q
+
+    def common(q, classifier=True):
+        if classifier:
+            q.add_argument("--preset", choices=sorted(clf.PRESETS), default="digits32",
+                           help="network and recipe: digits32 (small ResNet, 32 px) or photo224 (ResNet-18, 224 px)")
+            q.add_argument("--width", type=positive_int, help="channels of the first stage (preset's by default)")
+            q.add_argument("--depth", type=positive_int, help="residual blocks per stage (preset's by default)")
+            q.add_argument("--image-size", type=positive_int, help="input size in pixels (preset's by default)")
+            q.add_argument("--steps", type=positive_int, help="optimisation steps per run (preset's by default)")
+            q.add_argument("--train-batch-size", type=positive_int, help="images per step (preset's by default)")
+            q.add_argument("--lr", type=positive_float, help="peak SGD learning rate (preset's by default)")
+            q.add_argument("--seed", type=non_negative_int, default=0,
+                           help="(first) seed: init, batch order, synthetic draws")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    def classifier_options(q):
-        q.add_argument("--preset", choices=sorted(clf.PRESETS), default="digits32",
-                       help="network and recipe: digits32 (small ResNet, 32 px) or photo224 (ResNet-18, 224 px)")
-        q.add_argument("--width", type=int, help="channels of the first stage (preset's by default)")
-        q.add_argument("--depth", type=int, help="residual blocks per stage (preset's by default)")
-        q.add_argument("--image-size", type=int, help="input size in pixels (preset's by default)")
-        q.add_argument("--steps", type=int, help="optimisation steps per training run (preset's by default)")
-        q.add_argument("--train-batch-size", type=int, help="images per training step (preset's by default)")
-        q.add_argument("--lr", type=float, help="peak SGD learning rate (preset's by default)")
-        q.add_argument("--seed", type=int, default=0, help="(first) seed: init, batch order, synthetic draws")
-
-    m = sub.add_parser("metrics", help="FID, precision/recall, density/coverage (and memorisation) of two folders",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=p.epilog)
+    m = command("metrics", cmd_metrics, "FID, precision/recall, density/coverage (and memorisation) of two folders")
     m.add_argument("--real", required=True, help="held-out real images (flat folder or DIR/<class>/...)")
     m.add_argument("--fake", required=True, help="generated images (flat folder or DIR/<class>/...)")
     m.add_argument("--train", help="training images: also report the memorisation score")
@@ -461,40 +436,33 @@ def build_parser():
                    help="Inception-v3 pool3 (needs --inception-weights) or a classifier's penultimate layer")
     m.add_argument("--inception-weights", default=FID_WEIGHTS_NAME,
                    help=f"pytorch-fid's weight file (default: ./{FID_WEIGHTS_NAME}); nothing is downloaded")
-    m.add_argument("--classifier", help="classifier folder (config.json + model.safetensors) for --features classifier")
-    m.add_argument("--k-pr", type=int, default=3, help="k of precision/recall (default 3, Kynkaanniemi et al.)")
-    m.add_argument("--k-dc", type=int, default=5, help="k of density/coverage (default 5, Naeem et al.)")
-    m.add_argument("--batch-size", type=int, default=50, help="images per feature-extraction batch")
+    m.add_argument("--classifier", help="classifier folder (eval.py train-classifier) for --features classifier")
+    m.add_argument("--k-pr", type=positive_int, default=3, help="k of precision/recall (default 3, Kynkaanniemi)")
+    m.add_argument("--k-dc", type=positive_int, default=5, help="k of density/coverage (default 5, Naeem et al.)")
+    m.add_argument("--batch-size", type=positive_int, default=50, help="images per feature-extraction batch")
     m.add_argument("--cache-dir", help="feature cache (default: $CLUE_CACHE or ~/.cache/clue, /eval_features)")
     m.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     m.add_argument("--out", help="folder for metrics.json (default: the --fake folder)")
-    common(m)
-    m.set_defaults(func=cmd_metrics)
+    common(m, classifier=False)
 
-    c = sub.add_parser("classify", help="F1 of the same classifier trained on real / synthetic / both",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=p.epilog)
+    c = command("classify", cmd_classify, "F1 of the same classifier trained on real / synthetic / both")
     c.add_argument("--train", required=True, help="real training images, DIR/<class>/... (or 'digits')")
     c.add_argument("--synthetic", required=True, help="generated images, DIR/<class>/... with the same class names")
     c.add_argument("--test", required=True, help="real test images, DIR/<class>/... (or 'digits:test')")
     c.add_argument("--external", help="a second (external) real test set, DIR/<class>/...")
-    c.add_argument("--scales", default="100,200,500,1000",
+    c.add_argument("--scales", type=scale_list, default=(100, 200, 500, 1000),
                    help="synthetic-only arms, in %% of the real count per class (default 100,200,500,1000)")
     c.add_argument("--combined", action="store_true", help="also train on real + an equal amount (100 %%) of synthetic")
-    c.add_argument("--seeds", type=int, default=3, help="training runs per arm (mean and std reported)")
+    c.add_argument("--seeds", type=positive_int, default=3, help="training runs per arm (mean and std reported)")
     c.add_argument("--out", default=os.path.join("runs", "classify"),
                    help="folder for classify.json, classify_f1.png and classifier_real/ (default runs/classify)")
-    classifier_options(c)
     common(c)
-    c.set_defaults(func=cmd_classify)
 
-    t = sub.add_parser("train-classifier", help="train one classifier on real data (a feature net for metrics)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=p.epilog)
+    t = command("train-classifier", cmd_train_classifier, "train one classifier on real data (a feature net)")
     t.add_argument("--train", required=True, help="real training images, DIR/<class>/... (or 'digits')")
-    t.add_argument("--test", help="real test images: report macro F1 and store it in config.json")
-    t.add_argument("--out", required=True, help="checkpoint folder to write (config.json + model.safetensors)")
-    classifier_options(t)
+    t.add_argument("--test", help="real test images: report macro F1 and store it with the classifier")
+    t.add_argument("--out", required=True, help="classifier folder to write")
     common(t)
-    t.set_defaults(func=cmd_train_classifier)
     return p
 
 
@@ -504,7 +472,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message, without a traceback
-        raise SystemExit(f"error: {e}")
+    run(main, program="eval.py")

@@ -14,11 +14,10 @@ Input: images in [0, 1], any size. They are resized to 299x299 bilinearly with
 `align_corners=False` and no antialiasing (pytorch-fid's `F.interpolate` call), then scaled to
 [-1, 1]. Output: the global average of the last 8x8x2048 map.
 
-Module names equal torchvision's / pytorch-fid's (`Conv2d_1a_3x3.conv`, `Mixed_5b.branch1x1.bn`, ...),
-so pytorch-fid's weight file `pt_inception-2015-12-05-6726825d.pth` loads without renaming.
-Left out: the auxiliary classifier, the 1008-way classifier (`fc.*` in the weight file, skipped),
-the earlier feature blocks (64/192/768-d) that pytorch-fid can also return, and any download:
-the weights come from a local file only.
+Module names equal torchvision's / pytorch-fid's (`Conv2d_1a_3x3.conv`, `Mixed_5b.branch1x1.bn`, ...), so
+pytorch-fid's weight file `pt_inception-2015-12-05-6726825d.pth` loads without renaming. Left out: the auxiliary
+and the 1008-way classifiers (`fc.*` in the weight file, skipped), the earlier feature blocks (64/192/768-d) that
+pytorch-fid can also return, and any download: the weights come from a local file only.
 """
 import os
 
@@ -26,9 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import CheckpointError, read_state_dict
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   + FID_WEIGHTS_NAME)
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
 FEATURE_DIM = 2048
 
 
@@ -163,11 +163,8 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(h), self.branch3x3_2b(h)], dim=1)
         h = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3d = torch.cat([self.branch3x3dbl_3a(h), self.branch3x3dbl_3b(h)], dim=1)
-        if self.pool == "avg":
-            pooled = avg_pool_same(x)
-        else:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        bp = self.branch_pool(pooled)
+        pooled = avg_pool_same(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        bp = self.branch_pool(pooled)  # FID change 1 (avg) or 2 (max)
         return torch.cat([b1, b3, b3d, bp], dim=1)
 
 
@@ -216,24 +213,21 @@ class FIDInceptionV3(nn.Module):
 
 
 def load_fid_inception(path):
-    """Build the FID Inception network and fill it from pytorch-fid's weight file at `path`."""
+    """Build the FID Inception network and fill it from pytorch-fid's weight file at `path` (read by the disk
+    layer, checkpoint.read_state_dict: torch.load with weights_only=True; a broken file is a CheckpointError)."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
             f"Inception weights not found at {path!r}. FID needs pytorch-fid's port of the TensorFlow "
             f"FID Inception weights ({FID_WEIGHTS_NAME}, 91 MB). Nothing is downloaded here: fetch it on a "
             f"machine with internet access from\n  {FID_WEIGHTS_URL}\nand pass it with "
             f"--inception-weights PATH (or use --features classifier --classifier DIR instead).")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
     # the 1008-way classifier is not part of the pool3 feature network
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     model = FIDInceptionV3()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a counter, not a weight
     if missing or unexpected:
-        raise ValueError(
-            f"{path} does not look like pytorch-fid's {FID_WEIGHTS_NAME}: missing keys {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}")
+        more = lambda keys: f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"  # noqa: E731
+        raise CheckpointError(f"{path} does not look like pytorch-fid's {FID_WEIGHTS_NAME}: missing keys "
+                              f"{more(missing)}, unexpected keys {more(unexpected)}")
     return model.eval().requires_grad_(False)

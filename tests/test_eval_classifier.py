@@ -3,6 +3,8 @@ separable toy folder in seconds, the classify protocol end to end, the metrics c
 folders with classifier features (self-FID, cache, odd and corrupt files), and clear errors."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,7 +15,11 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import f1_score
 
 import classifier as clf
+import cli
 import eval as ev
+from checkpoint import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(image_size=16, width=8, depth=1, stages=2)
 CLASSES = ["left", "right", "top"]
@@ -160,9 +166,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     empty.mkdir()
     (empty / "readme.txt").write_text("no images")
     with pytest.raises(ValueError, match="contains no image files"):
-        ev.list_images(str(empty))
+        ev.extract_features(str(empty), extractor=None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ev.list_images(str(tmp_path / "missing"))
+        ev.extract_features(str(tmp_path / "missing"), extractor=None)
     folder = make_toy_folder(tmp_path / "few", 1, seed=0, classes=False)  # 3 images
     with pytest.raises(FileNotFoundError, match="pytorch-fid/releases"):
         ev.main(["metrics", "--real", folder, "--fake", folder, "--inception-weights",
@@ -172,3 +178,71 @@ def test_bad_inputs_give_clear_errors(tmp_path):
                  str(tmp_path / "nothing"), "--quiet"])
     with pytest.raises(SystemExit):
         ev.main(["classify", "--help"])
+
+
+def _one_line_error(capsys, argv, program="eval.py", main=ev.main):
+    """Run a program's main through cli.run as its __main__ does: exit code 2 and a message, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, argv, program)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flag,value", [("--k-pr", "0"), ("--k-dc", "-1"), ("--batch-size", "0"),
+                                        ("--steps", "0"), ("--seeds", "0"), ("--lr", "nan"), ("--lr", "-0.1"),
+                                        ("--scales", "100,-5"), ("--scales", ","), ("--seed", "-1"),
+                                        ("--width", "0"), ("--image-size", "x")])
+def test_bad_numeric_flags_are_refused_at_parse_time(tmp_path, capsys, flag, value):
+    command = "metrics" if flag in ("--k-pr", "--k-dc", "--batch-size") else "classify"
+    argv = [command, "--real", "r", "--fake", "f"] if command == "metrics" else \
+        ["classify", "--train", "a", "--synthetic", "b", "--test", "c"]
+    err = _one_line_error(capsys, argv + [flag, value])
+    assert flag in err and "error" in err
+
+
+def test_bad_inputs_end_in_one_line(tmp_path, capsys):
+    folder = make_toy_folder(tmp_path / "few", 2, seed=0, classes=False)  # 6 images
+    # --features classifier without --classifier: a usage error
+    err = _one_line_error(capsys, ["metrics", "--real", folder, "--fake", folder, "--features", "classifier"])
+    assert "--classifier DIR" in err
+    # a classifier folder whose config.json is broken: the file is named
+    ckpt = tmp_path / "clf"
+    ev.main(["train-classifier", "--train", make_toy_folder(tmp_path / "t", 2, seed=1), "--out", str(ckpt),
+             "--image-size", "16", "--width", "8", "--steps", "1", "--quiet"])
+    (ckpt / "config.json").write_text("{not json")
+    err = _one_line_error(capsys, ["metrics", "--real", folder, "--fake", folder, "--features", "classifier",
+                                   "--classifier", str(ckpt), "--quiet"])
+    assert "config.json" in err and "not valid JSON" in err
+    # a missing Inception weights file: where to get it
+    err = _one_line_error(capsys, ["metrics", "--real", folder, "--fake", folder, "--inception-weights",
+                                   str(tmp_path / "missing.pth")])
+    assert "pytorch-fid/releases" in err and "missing.pth" in err
+    # too few images for k: a data error saying how many are needed
+    ev.main(["train-classifier", "--train", make_toy_folder(tmp_path / "t", 2, seed=1), "--out", str(ckpt),
+             "--image-size", "16", "--width", "8", "--steps", "1", "--quiet"])
+    err = _one_line_error(capsys, ["metrics", "--real", folder, "--fake", folder, "--features", "classifier",
+                                   "--classifier", str(ckpt), "--k-pr", "6", "--no-cache", "--quiet"])
+    assert "need at least 7 images, got 6" in err
+    # the real entry point: `python eval.py ...` in a fresh interpreter
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "classify", "--train", folder,
+                           "--synthetic", folder, "--test", folder, "--seeds", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--seeds" in proc.stderr
+
+
+def test_old_classifier_folder_says_how_to_convert(tmp_path):
+    """A classifier folder written before checkpoint.py's one format ("format": "clue-classifier") is refused
+    with what to do; the conversion the message describes makes it load."""
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    cfg = clf.ClassifierConfig(num_classes=3, class_names=CLASSES, **TINY)
+    model = clf.train_classifier(x, np.arange(6) % 3, cfg, clf.TrainRecipe(steps=1, batch_size=6), progress=False)
+    clf.save_classifier(tmp_path / "old", model, clf.TrainRecipe())
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    old = {"format": "clue-classifier", **{k: v for k, v in config.items() if k not in ("format", "kind")}}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="older eval.py(.|\n)*train-classifier"):
+        clf.load_classifier(tmp_path / "old")
+    old["format"], old["kind"] = "clue-pytorch", "classifier"  # the edit the message asks for
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    loaded, _ = clf.load_classifier(tmp_path / "old")
+    assert torch.equal(loaded.fc.weight, model.fc.weight)

@@ -13,6 +13,7 @@ from pytorch_fid.fid_score import get_activations
 
 import eval as ev
 import inception
+from checkpoint import CheckpointError
 
 
 def _random_state(seed=0):
@@ -96,3 +97,7 @@ def test_missing_or_wrong_weights_file(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="missing keys"):
         inception.load_fid_inception(str(bad))
+    cut = tmp_path / "cut.pth"  # a truncated download: the disk layer names the file
+    cut.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="cut.pth.*truncated"):
+        inception.load_fid_inception(str(cut))
