@@ -187,7 +187,7 @@ def test_cli_half(sd1_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "diffusers folder" in out and "M parameters" in out
-    _, tensors = checkpoint.read_checkpoint_dir(tmp_path / "half")
+    _, tensors = checkpoint.read_checkpoint(tmp_path / "half")
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     sd = load_stable_diffusion(tmp_path / "half")
     assert sd.prediction_type == "v_prediction"
