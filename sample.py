@@ -4,8 +4,8 @@ The sampler itself is CLUE.generate (clue.py: DDIM, Song et al. 2021, with class
 Salimans 2022, one batched U-Net call per step). This program loads a model, decides what to draw, and writes
 PNGs, a grid PNG and `run.json` (every setting, so a figure can be reproduced) into --out.
 
-Models: a CLUE checkpoint folder (train.py / CLUE.save), or any Stable Diffusion weights convert.py reads
-(a diffusers folder, a single .safetensors / .ckpt, our converted folder): plain text-to-image.
+Models: a CLUE checkpoint folder (train.py / checkpoint.save_clue), or any Stable Diffusion weights convert.py
+reads (a diffusers folder, a single .safetensors / .ckpt, our converted folder): plain text-to-image.
 
 Four modes:
   prompts (default)     --prompt P (repeatable) x --num-images N each          -> out/images/000000.png..., out/grid.png
@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import make_grid, to_pil
+from checkpoint import as_clue, atomic_write_json
+from cli import (UsageError, finite_float, non_negative_float, non_negative_int, positive_float, positive_int,
+                 probability, run)
+from clue import CLUE, Sampling, StyleChoice, slerp
+from convert import load_stable_diffusion
+from data import (ClassFolderDataset, DataError, decode_problem, default_prompt_template, load_image, make_grid,
+                  resolve_data, to_pil)
+from unet import Attention
 
 EXAMPLES = """examples:
   # plain text-to-image from Stable Diffusion weights (diffusers folder or single file)
@@ -51,9 +59,6 @@ EXAMPLES = """examples:
   python sample.py --model runs/digits/final --grid interpolation --interpolate a.png b.png --n-interp 8
 """
 
-STYLE_CHOICES = ("none", "prior", "posterior", "posterior-sample", "reference")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,14 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("text and sampler")
     g.add_argument("--prompt", action="append", help="prompt; repeat the flag for several prompts")
     g.add_argument("--negative-prompt", default="", help="prompt of the unconditional half of the guidance batch")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w; <= 1: off")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise (batch i uses seed + i)")
-    g.add_argument("--height", type=int, default=None, help="pixels (default: the model's image size)")
-    g.add_argument("--width", type=int, default=None, help="pixels (default: the model's image size)")
-    g.add_argument("--batch", type=int, default=4, help="images per U-Net batch (default 4)")
-    g.add_argument("--num-images", type=int, default=None, help="images per prompt (default: --batch)")
+    g.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    g.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale w; <= 1: off")
+    g.add_argument("--eta", type=probability, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial noise (batch i: seed + i)")
+    g.add_argument("--height", type=positive_int, default=None,
+                   help="pixels, a multiple of the VAE's downsampling factor (default: the model's image size)")
+    g.add_argument("--width", type=positive_int, default=None, help="pixels, likewise (default: the model's size)")
+    g.add_argument("--batch", type=positive_int, default=4, help="images per U-Net batch (default 4)")
+    g.add_argument("--num-images", type=positive_int, default=None, help="images per prompt (default: --batch)")
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="single SD files only (they cannot store it): convert.py's default is epsilon for SD 1.x, "
                         "v_prediction for SD 2.x; pass epsilon for the 512 px 2.x-base files")
@@ -78,13 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="autocast precision on GPU (fp32 only on CPU); fp16 on a v-prediction model turns on "
                         "the fp32 attention upcast (SD 2.1-v needs it)")
     g = p.add_argument_group("style (CLUE checkpoints)")
-    g.add_argument("--style", choices=STYLE_CHOICES, default=None,
+    g.add_argument("--style", choices=("none", "prior", "posterior", "posterior-sample", "reference"), default=None,
                    help="where the style tokens come from: none (branch off), prior N(0, tau^2 I), posterior "
                         "(the class's Gaussian fitted to the training images), posterior-sample (a random training "
                         "image's mu), reference (--reference image). Default: prior for CLUE, none for plain SD")
-    g.add_argument("--tau", type=float, default=1.0, help="style temperature (0: the mean style)")
-    g.add_argument("--style-scale", type=float, default=1.0, help="multiplier of the style branch output")
-    g.add_argument("--style-seed", type=int, default=None,
+    g.add_argument("--tau", type=non_negative_float, default=1.0, help="style temperature >= 0 (0: the mean style)")
+    g.add_argument("--style-scale", type=finite_float, default=1.0, help="multiplier of the style branch output")
+    g.add_argument("--style-seed", type=non_negative_int, default=None,
                    help="separate seed of the style draws (fixed noise, varying style); default: drawn after the noise")
     g.add_argument("--reference", default=None, help="reference image for --style reference")
     g.add_argument("--reference-prompt", default=None, help="prompt of the reference image (default: the prompt)")
@@ -94,15 +100,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", default=None, help="the real class folder (or 'digits'): class names and counts")
     g.add_argument("--prompt-template", default=None,
                    help="prompt with {class}; default: the checkpoint's training template, else data.py's default")
-    g.add_argument("--per-class", type=int, default=None, help="images per class")
-    g.add_argument("--scale", type=float, default=None, help="percent of --data's real count per class (1000 = 10x)")
+    g.add_argument("--per-class", type=positive_int, default=None, help="images per class")
+    g.add_argument("--scale", type=positive_float, default=None,
+                   help="percent of --data's real count per class (1000 = 10x)")
     g = p.add_argument_group("figures")
     g.add_argument("--grid", choices=("classes-x-styles", "interpolation"), default=None, help="figure mode")
-    g.add_argument("--n-styles", type=int, default=8, help="columns of --grid classes-x-styles")
+    g.add_argument("--n-styles", type=positive_int, default=8, help="columns of --grid classes-x-styles")
     g.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None,
                    help="endpoints of --grid interpolation: image paths (reference styles) or integers "
                         "(seeds of prior draws at --tau)")
-    g.add_argument("--n-interp", type=int, default=8, help="columns of --grid interpolation")
+    g.add_argument("--n-interp", type=positive_int, default=8, help="columns of --grid interpolation")
     a = p.parse_args(argv)
     if a.per_class is not None and a.scale is not None:
         p.error("give --per-class or --scale, not both")
@@ -118,19 +125,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ helpers
 def load_model(path, device="cpu", prediction_type=None):
     """(CLUE model, "clue" | "sd"): a CLUE checkpoint, or SD weights wrapped as a CLUE without style branch."""
-    from clue import CLUE
-    from checkpoint import load_clue
-    from convert import load_stable_diffusion
-    cfg_file = Path(path) / "config.json"
-    if cfg_file.is_file() and "clue" in json.loads(cfg_file.read_text()):
-        return load_clue(path, device=device), "clue"
     sd = load_stable_diffusion(path, prediction_type=prediction_type)
+    if "clue" in sd.extra_config:  # a CLUE checkpoint folder (checkpoint.save_clue)
+        if prediction_type is not None:
+            raise UsageError(f"--prediction-type is for single SD files; the CLUE checkpoint {path} stores its own")
+        return as_clue(sd, path).to(device).eval(), "clue"
     return CLUE.from_stable_diffusion(sd, style_cfg=None).to(device).eval(), "sd"
 
 
 def load_reference(path, height, width) -> torch.Tensor:
     """An image file -> (1,3,H,W) in [-1,1] at the generation size (data.py's reader: RGB, resize, centre crop)."""
-    from data import load_image
+    if (problem := decode_problem(path)) is not None:
+        raise DataError(f"reference image {path}: {problem}")
     if height != width:
         img = Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -142,7 +148,6 @@ def class_plan(args, model) -> list[dict]:
     posterior = model.style_posterior
     train = getattr(model, "train_config", None) or {}
     if args.data is not None:
-        from data import ClassFolderDataset, default_prompt_template, resolve_data
         root = resolve_data(args.data)
         template = args.prompt_template or train.get("prompt_template") or default_prompt_template(args.data)
         ds = ClassFolderDataset(root, template)
@@ -158,115 +163,103 @@ def class_plan(args, model) -> list[dict]:
     elif args.prompt:
         plan = [{"folder": f"prompt_{i}", "name": None, "prompt": q, "real": None} for i, q in enumerate(args.prompt)]
     else:
-        raise SystemExit("no classes known: pass --data DIR (class folders) or --prompt, or use a CLUE checkpoint "
+        raise UsageError("no classes known: pass --data DIR (class folders) or --prompt, or use a CLUE checkpoint "
                          "with a fitted style posterior")
     for c in plan:
-        if args.scale is not None:
-            c["count"] = int(round(args.scale / 100 * c["real"]))
-        else:
-            c["count"] = args.per_class if args.per_class is not None else (args.num_images or args.batch)
+        c["count"] = (int(round(args.scale / 100 * c["real"])) if args.scale is not None
+                      else args.per_class if args.per_class is not None else (args.num_images or args.batch))
     return plan
 
 
-def style_kwargs(args, model, kind, n, name, height, width) -> dict:
-    """The generate() keyword arguments of the chosen --style for n images of class `name`."""
+def style_choice(args, model, kind, n, name, height, width) -> StyleChoice | None:
+    """The --style flags as generate()'s StyleChoice for n images of class `name` (None: no style branch)."""
     style = args.style or ("prior" if kind == "clue" and model.style_encoder is not None else "none")
     if style == "none":
-        return {"style": None}
+        return None
     if model.style_encoder is None:
-        raise SystemExit(f"--style {style}: this model has no style branch (plain SD or a --style-tokens 0 "
+        raise UsageError(f"--style {style}: this model has no style branch (plain SD or a --style-tokens 0 "
                          "baseline); use --style none")
-    kw = {"style": style.replace("-", "_"), "tau": args.tau, "style_scale": args.style_scale}
+    choice = StyleChoice(style.replace("-", "_"), tau=args.tau, scale=args.style_scale)
     if style.startswith("posterior"):
-        if name is None:
-            raise SystemExit("--style posterior needs a class: pass --class NAME (known: "
-                             f"{sorted(model.style_posterior)})")
-        kw["classes"] = [name] * n
+        if name not in model.style_posterior:  # known classes: those the checkpoint's posterior was fitted on
+            raise UsageError(f"--style {style} needs a class of the checkpoint's style posterior (--class NAME); got "
+                             f"{name!r}, known: {sorted(model.style_posterior) or 'none (use --style prior)'}")
+        choice.classes = [name] * n
     if style == "reference":
         if args.reference is None:
-            raise SystemExit("--style reference needs --reference IMAGE")
-        kw["reference"] = load_reference(args.reference, height, width)
-        kw["reference_prompts"] = [args.reference_prompt] if args.reference_prompt else None
-    return kw
+            raise UsageError("--style reference needs --reference IMAGE")
+        choice.reference = load_reference(args.reference, height, width)
+        choice.reference_prompts = [args.reference_prompt] if args.reference_prompt else None
+    return choice
 
 
 def endpoint_style(model, spec, prompt, tau, height, width) -> torch.Tensor:
     """An --interpolate endpoint: an image path (its encoder mu) or an integer seed (a prior draw at tau)."""
     if os.path.isfile(spec):
-        return model.make_style("reference", 1, reference=load_reference(spec, height, width),
-                                reference_prompts=[prompt])
-    try:
-        seed = int(spec)
-    except ValueError:
-        raise SystemExit(f"--interpolate {spec!r}: neither an image file nor an integer seed") from None
-    return model.make_style("prior", 1, tau=tau, generator=torch.Generator().manual_seed(seed))
+        reference = load_reference(spec, height, width)
+        return model.make_style(StyleChoice("reference", reference=reference, reference_prompts=[prompt]), 1)
+    if not spec.isdigit():
+        raise UsageError(f"--interpolate {spec!r}: neither an image file nor an integer seed >= 0")
+    return model.make_style(StyleChoice("prior", tau=tau), 1, generator=torch.Generator().manual_seed(int(spec)))
 
 
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from clue import slerp
-    from checkpoint import atomic_write_json
-    t_start = time.time()
-    device = torch.device(args.device)
+    t_start, device = time.time(), torch.device(args.device)
     model, kind = load_model(args.model, device, args.prediction_type)
     height, width = args.height or model.cfg.image_size, args.width or model.cfg.image_size
+    f = model.vae.cfg.downsample_factor
+    if height % f or width % f:
+        raise UsageError(f"--height {height} / --width {width}: both must be multiples of {f}, the VAE's "
+                         f"downsampling factor (pixels per latent), e.g. {max(f, height // f * f)}")
+    if args.grid == "interpolation" and model.style_encoder is None:
+        raise UsageError("--grid interpolation needs a model with a style branch")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if dtype is torch.float16 and model.cfg.prediction_type == "v_prediction":
-        from unet import Attention
-        for m in model.unet.modules():  # SD 2.1-v overflows in fp16 attention: softmax in fp32
-            if isinstance(m, Attention):
-                m.upcast = True
+    if dtype is torch.float16 and model.cfg.prediction_type == "v_prediction":  # SD 2.1-v overflows in fp16
+        for m in (m for m in model.unet.modules() if isinstance(m, Attention)):
+            m.upcast = True  # attention softmax in fp32
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                  height=height, width=width)
+    sampling = Sampling(steps=args.steps, guidance=args.guidance, eta=args.eta, negative_prompt=args.negative_prompt,
+                        height=height, width=width)
     written, record = [], {}
 
-    def run(prompts, seed, progress, **kw):
+    def generate(prompts, style, seed=None, latents=None, progress=False):
         with autocast:
-            return model.generate(prompts, seed=seed, progress=progress, **common, **kw).float().cpu()
+            return model.generate(prompts, sampling, style, seed=seed, latents=latents, progress=progress).float().cpu()
+
+    def same_noise(n):  # one initial noise for every cell of a grid row
+        shape = (1, model.unet.cfg.in_channels, height // f, width // f)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).expand(n, -1, -1, -1)
 
     if args.grid is not None or args.per_class is not None or args.scale is not None:
-        plan = class_plan(args, model)
-        record["classes"] = plan
+        record["classes"] = plan = class_plan(args, model)
     if args.grid == "classes-x-styles":
-        cells = []
+        cells, n, seed = [], args.n_styles, args.style_seed if args.style_seed is not None else args.seed + 1
         for c in tqdm(plan, desc="rows (classes)"):
-            n = args.n_styles
-            noise = torch.randn((1, model.unet.cfg.in_channels, height // _f(model), width // _f(model)),
-                                generator=torch.Generator().manual_seed(args.seed)).expand(n, -1, -1, -1)
-            kw = style_kwargs(args, model, kind, n, c["name"], height, width)
-            seed = args.style_seed if args.style_seed is not None else args.seed + 1
-            cells.append(run([c["prompt"]] * n, None, False, latents=noise, style_seed=seed, **kw))
-        images = torch.cat(cells)
-        make_grid(images, args.n_styles).save(out / "grid.png")
-        written.append(str(out / "grid.png"))
+            choice = style_choice(args, model, kind, n, c["name"], height, width)
+            cells.append(generate([c["prompt"]] * n, choice and replace(choice, seed=seed), latents=same_noise(n)))
     elif args.grid == "interpolation":
-        if model.style_encoder is None:
-            raise SystemExit("--grid interpolation needs a model with a style branch")
         cells, n = [], args.n_interp
         for c in tqdm(plan, desc="rows (classes)"):
             s0, s1 = (endpoint_style(model, spec, c["prompt"], args.tau, height, width) for spec in args.interpolate)
             styles = torch.cat([slerp(s0, s1, a) for a in torch.linspace(0, 1, n).tolist()])
-            noise = torch.randn((1, model.unet.cfg.in_channels, height // _f(model), width // _f(model)),
-                                generator=torch.Generator().manual_seed(args.seed)).expand(n, -1, -1, -1)
-            cells.append(run([c["prompt"]] * n, None, False, latents=noise, style=styles,
-                             style_scale=args.style_scale))
-        images = torch.cat(cells)
-        make_grid(images, n).save(out / "grid.png")
+            cells.append(generate([c["prompt"]] * n, StyleChoice(styles, scale=args.style_scale),
+                                  latents=same_noise(n)))
+    if args.grid is not None:
+        make_grid(torch.cat(cells), n).save(out / "grid.png")
         written.append(str(out / "grid.png"))
     elif args.per_class is not None or args.scale is not None:
-        total, batch_index = sum(c["count"] for c in plan), 0
-        bar = tqdm(total=total, desc="images")
+        batch_index, bar = 0, tqdm(total=sum(c["count"] for c in plan), desc="images")
         for c in plan:
             folder = out / c["folder"]
             folder.mkdir(parents=True, exist_ok=True)
             for start in range(0, c["count"], args.batch):
                 n = min(args.batch, c["count"] - start)
-                kw = style_kwargs(args, model, kind, n, c["name"], height, width)
-                images = run([c["prompt"]] * n, args.seed + batch_index, False, **kw)
+                images = generate([c["prompt"]] * n, style_choice(args, model, kind, n, c["name"], height, width),
+                                  seed=args.seed + batch_index)
                 batch_index += 1
                 for j, img in enumerate(images):
                     to_pil(img).save(folder / f"{start + j:05d}.png")
@@ -275,7 +268,7 @@ def main(argv=None) -> dict:
         bar.close()
     else:
         if not args.prompt:
-            raise SystemExit("pass --prompt (or --per-class / --scale / --grid for a CLUE checkpoint)")
+            raise UsageError("pass --prompt (or --per-class / --scale / --grid for a CLUE checkpoint)")
         n_each = args.num_images or args.batch
         prompts = [q for q in args.prompt for _ in range(n_each)]
         name = args.class_name
@@ -284,8 +277,8 @@ def main(argv=None) -> dict:
         all_images = []
         for b, start in enumerate(range(0, len(prompts), args.batch)):
             chunk = prompts[start:start + args.batch]
-            kw = style_kwargs(args, model, kind, len(chunk), name, height, width)
-            all_images.append(run(chunk, args.seed + b, True, **kw))
+            choice = style_choice(args, model, kind, len(chunk), name, height, width)
+            all_images.append(generate(chunk, choice, seed=args.seed + b, progress=True))
         images = torch.cat(all_images)
         (out / "images").mkdir(exist_ok=True)  # apart from grid.png, so eval.py can read the folder as it is
         for i, img in enumerate(images):
@@ -303,10 +296,5 @@ def main(argv=None) -> dict:
     return record
 
 
-def _f(model) -> int:
-    """The VAE's downsampling factor (pixels per latent)."""
-    return 2 ** (len(model.vae.cfg.block_channels) - 1)
-
-
 if __name__ == "__main__":
-    main()
+    run(main, program="sample.py")

@@ -7,14 +7,18 @@ test builds one from open_clip's bundled BPE vocabulary (test_clue.clip_tokenize
 go through the pipeline's own tokenizer and text encoder, not through embeddings we computed."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
+import cli
 import sample
 from checkpoint import save_clue
-from clue import CLUE, CLUEConfig
+from clue import CLUE, CLUEConfig, Sampling
 from style_encoder import StyleConfig
 from test_clue import PROMPT, SMALL_UNET, build_tiny_sd_pipeline, make_image_folder
 
@@ -37,8 +41,8 @@ def test_generation_equals_diffusers_pipeline(tmp_path, text_mode, prediction_ty
     with torch.no_grad():
         ref = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, num_inference_steps=10, guidance_scale=7.5,
                    latents=latents, height=16, width=16, output_type="pt", callback_on_step_end=keep_latents).images
-    ours_latents = model.generate(PROMPTS, negative_prompt=NEGATIVE, steps=10, guidance=7.5, latents=latents,
-                                  height=16, width=16, progress=False, output="latent")
+    ours_latents = model.generate(PROMPTS, Sampling(steps=10, guidance=7.5, negative_prompt=NEGATIVE, height=16,
+                                                    width=16), latents=latents, progress=False, output="latent")
     ours, ref_latents = model.decode_latents(ours_latents), final["latents"]
     err, lat_err = (ours - ref).abs().max().item(), (ours_latents - ref_latents).abs().max().item()
     print(f"{text_mode} {prediction_type}: images in [0,1] max abs err {err:.2e}; final latents {lat_err:.2e}")
@@ -75,7 +79,7 @@ def test_cli_plain_sd(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model_kind"] == "sd" and run["settings"]["seed"] == 4 and run["settings"]["steps"] == 3
     assert record["n_files"] == 3
-    with pytest.raises(SystemExit, match="no style branch"):  # a style flag on plain SD: a clear exit
+    with pytest.raises(cli.UsageError, match="no style branch"):  # a style flag on plain SD: a clear error
         sample.main(["--model", str(tmp_path / "sd"), "--prompt", "x", "--style", "prior", "--steps", "1",
                      "--height", "16", "--width", "16", "--out", str(out)])
 
@@ -120,3 +124,55 @@ def test_cli_clue_grids_and_style_flags(clue_ckpt):
     assert {"grid.png", "images", "run.json"} <= set(os.listdir(out))
     with pytest.raises(SystemExit):
         sample.main(["--model", ckpt, "--scale", "100", "--out", str(out)])  # --scale needs --data
+
+
+def _one_line_error(capsys, argv):
+    """sample.py's main through cli.run, as `python sample.py` runs it: exit code 2, a message, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(sample.main, argv, "sample.py")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--n-styles", "0"), ("--num-images", "0"),
+                                        ("--height", "0"), ("--width", "-8"), ("--per-class", "-1"),
+                                        ("--scale", "-100"), ("--steps", "0"), ("--tau", "nan"), ("--tau", "-1"),
+                                        ("--eta", "nan"), ("--eta", "1.5"), ("--style-scale", "inf"),
+                                        ("--guidance", "nan"), ("--seed", "-1"), ("--n-interp", "x")])
+def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
+    err = _one_line_error(capsys, ["--model", "unused", "--prompt", "x", flag, value])
+    assert f"argument {flag}" in err
+
+
+def test_bad_sizes_and_models_end_in_one_line(clue_ckpt, tmp_path, capsys):
+    root, data = clue_ckpt
+    ckpt = str(root / "ckpt")
+    err = _one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--height", "30", "--steps", "1",
+                                   "--out", str(tmp_path / "o")])
+    assert "--height 30" in err and "multiples of 4" in err
+    err = _one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--style", "posterior", "--class", "nope",
+                                   "--steps", "1", "--out", str(tmp_path / "o")])
+    assert "--class" in err and "horizontal bars" in err
+    err = _one_line_error(capsys, ["--model", ckpt, "--grid", "interpolation", "--interpolate", "1", "-2",
+                                   "--steps", "1", "--out", str(tmp_path / "o")])
+    assert "--interpolate '-2'" in err
+    err = _one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--style", "reference", "--reference",
+                                   str(tmp_path / "missing.png"), "--steps", "1", "--out", str(tmp_path / "o")])
+    assert "missing.png" in err
+    # a model folder with a broken config.json, or a field of the wrong type: the file (and key) are named
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["clue"]["image_size"] = "big"
+    (bad / "config.json").write_text(json.dumps(config))
+    err = _one_line_error(capsys, ["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert "config.json" in err and "image_size" in err
+    (bad / "config.json").write_text("{not json")
+    err = _one_line_error(capsys, ["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert "config.json" in err and "JSON" in err
+    # the real entry point, in a fresh interpreter: a model path that does not exist
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root_dir, "sample.py"), "--model", str(tmp_path / "nothing"),
+                           "--prompt", "x", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "nothing" in proc.stderr, proc.stderr
