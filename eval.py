@@ -10,8 +10,7 @@ memorisation, and the F1 of classifiers trained on synthetic data (arXiv 2511.10
   balls that hold at least one generated sample.
 - Memorisation: share of generated images whose nearest training image is closer to them than that training
   image's own nearest training neighbour (a near copy).
-- Downstream utility (classifier.run_classify): the same classifier on real, synthetic at s % of the real count
-  per class (class-balanced), real + synthetic; macro F1 on real test sets.
+- Downstream utility: classifier.run_classify (the same classifier on real / synthetic / both; macro F1).
 Conventions (README, "Evaluate"): "inside a ball" is a strict `<` (as the prdc package); ties cannot flip a
 k-th-neighbour radius (a value, not an index); covariances are unbiased (N-1).
 Left out: Inception Score, KID, the 64/192/768-d Inception blocks, multi-GPU.
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import classifier as clf
 from checkpoint import CheckpointError, atomic_write_json, read_checkpoint, write_checkpoint
-from cli import UsageError, non_negative_int, positive_float, positive_int, run
+from cli import UsageError, comma_list, non_negative_int, positive_float, positive_int, run
 from data import DIGITS_ARGS, IMAGE_EXTENSIONS, DataError, cache_root, list_images, load_image, resolve_data, to_rgb
 from inception import FID_WEIGHTS_NAME, load_fid_inception
 
@@ -100,30 +100,23 @@ def extract_features(folder, extractor, cache_dir=None, batch_size=50, progress=
     if cached and os.path.isdir(cached):
         try:
             config, tensors = read_checkpoint(cached, "features")
-            kept = [os.path.join(folder, r) for r in config["files"]]
-            print(f"features of {folder}: {len(kept)} images, from the cache {cached}", file=sys.stderr)
-            return tensors["features"].numpy().astype(np.float64), kept
+            print(f"features of {folder}: {len(config['files'])} images, from the cache {cached}", file=sys.stderr)
+            return tensors["features"].numpy(), [os.path.join(folder, r) for r in config["files"]]
         except (CheckpointError, FileNotFoundError, KeyError) as e:  # a broken cache entry: extract again
             warnings.warn(f"ignoring the feature cache {cached}: {e}")
 
-    feats, kept, batch, batch_paths = [], [], [], []
+    def readable():  # (path, image tensor) of every file the extractor can read
+        for path in tqdm(files, desc=f"{extractor.name} features of {folder}", disable=not progress):
+            try:
+                yield path, extractor.load(path)
+            except Exception as e:  # corrupt / truncated / not really an image
+                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
 
-    def flush():
-        if batch:
-            feats.append(extractor(torch.stack(batch)))
-            kept.extend(batch_paths)
-            batch.clear(), batch_paths.clear()
-
-    for path in tqdm(files, desc=f"{extractor.name} features of {folder}", disable=not progress):
-        try:
-            x = extractor.load(path)
-        except Exception as e:  # corrupt / truncated / not really an image
-            warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
-            continue
-        if batch and (x.shape != batch[0].shape or len(batch) == batch_size):
-            flush()  # a batch holds images of one size (the Inception path keeps each image's own size)
-        batch.append(x), batch_paths.append(path)
-    flush()
+    feats, kept = [], []  # a batch holds up to batch_size images of one size (Inception keeps each image's own)
+    for _, same_size in itertools.groupby(readable(), key=lambda item: item[1].shape):
+        while batch := list(itertools.islice(same_size, batch_size)):
+            feats.append(extractor(torch.stack([x for _, x in batch])))
+            kept += [path for path, _ in batch]
     if not kept:
         raise DataError(f"none of the {len(files)} image files under {folder} could be read")
     features = torch.cat(feats)
@@ -146,10 +139,13 @@ def _as_features(x, what, min_rows=1):
     return x
 
 
-def _check_dims(a, b, what_a, what_b):
+def _as_pair(a, b, min_a, min_b, names=("real", "fake")):
+    """Two feature sets of one extractor: _as_features of each, and the same D."""
+    a, b = _as_features(a, names[0], min_a), _as_features(b, names[1], min_b)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dimensions differ: {what_a} has {a.shape[1]}, {what_b} has {b.shape[1]}; "
+        raise ValueError(f"feature dimensions differ: {names[0]} has {a.shape[1]}, {names[1]} has {b.shape[1]}; "
                          "both sets must come from the same feature extractor")
+    return a, b
 
 
 def nearest_neighbour_radii(x, k):
@@ -197,8 +193,7 @@ def feature_statistics(features):
 
 
 def fid_from_features(real, fake):
-    real, fake = _as_features(real, "real", 2), _as_features(fake, "fake", 2)
-    _check_dims(real, fake, "real", "fake")
+    real, fake = _as_pair(real, fake, 2, 2)
     return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
 
 
@@ -213,8 +208,7 @@ def _inside_any_ball(points, centres, radii):
 
 def precision_recall(real, fake, k=3):
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-th-neighbour balls."""
-    real, fake = _as_features(real, "real", k + 1), _as_features(fake, "fake", k + 1)
-    _check_dims(real, fake, "real", "fake")
+    real, fake = _as_pair(real, fake, k + 1, k + 1)
     precision = _inside_any_ball(fake, real, nearest_neighbour_radii(real, k))[0].mean()
     recall = _inside_any_ball(real, fake, nearest_neighbour_radii(fake, k))[0].mean()
     return {"precision": float(precision), "recall": float(recall)}
@@ -222,8 +216,7 @@ def precision_recall(real, fake, k=3):
 
 def density_coverage(real, fake, k=5):
     """Density and coverage (Naeem et al. 2020): balls around the REAL samples only."""
-    real, fake = _as_features(real, "real", k + 1), _as_features(fake, "fake", 1)
-    _check_dims(real, fake, "real", "fake")
+    real, fake = _as_pair(real, fake, k + 1, 1)
     radii = nearest_neighbour_radii(real, k)
     _, count = _inside_any_ball(fake, real, radii)
     covered = np.zeros(len(real), bool)
@@ -235,8 +228,7 @@ def density_coverage(real, fake, k=5):
 def memorisation(train, fake, fake_names=None, train_names=None, top=20):
     """Share of generated samples closer to their nearest training sample j than j's own nearest
     training neighbour is (d(g, t_j) < NND_1(t_j)), with the closest such pairs."""
-    train, fake = _as_features(train, "train", 2), _as_features(fake, "fake", 1)
-    _check_dims(train, fake, "train", "fake")
+    train, fake = _as_pair(train, fake, 2, 1, ("train", "fake"))
     radii = nearest_neighbour_radii(train, 1)
     nearest, dist = np.empty(len(fake), np.int64), np.empty(len(fake))
     for i in range(0, len(fake), CHUNK):
@@ -259,20 +251,19 @@ def _pm(summary):
 
 
 def classify_table(results):
-    ext = results["folders"]["external"] is not None
-    lines = ["| training data | scale | images | test macro F1" + (" | external macro F1 |" if ext else " |"),
-             "|---|---|---|---" + ("|---|" if ext else "|")]
+    """Markdown: macro F1 per arm (test, external), then the per-class test F1."""
+    ext, names = results["folders"]["external"] is not None, results["class_names"]
+    arms = ["| training data | scale | images | test macro F1 |" + (" external macro F1 |" if ext else ""),
+            "|---|---|---|---|" + ("---|" if ext else "")]
+    per_class = ["", "Per-class test F1 (mean over seeds):", "", "| training data | " + " | ".join(names) + " |",
+                 "|---|" + "---|" * len(names)]
     for a in results["arms"]:
         scale = "-" if a["scale_percent"] is None else f"{a['scale_percent']} %"
-        lines.append(f"| {a['arm']} | {scale} | {a['n_images']} | {_pm(a['test'])}"
-                     + (f" | {_pm(a['external'])} |" if ext else " |"))
-    lines += ["", "Per-class test F1 (mean over seeds):", "",
-              "| training data | " + " | ".join(results["class_names"]) + " |",
-              "|---|" + "---|" * len(results["class_names"])]
-    for a in results["arms"]:
-        name = a["arm"] + ("" if a["scale_percent"] is None else f" {a['scale_percent']} %")
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in a["test"]["per_class_f1_mean"]) + " |")
-    return "\n".join(lines)
+        arms.append(f"| {a['arm']} | {scale} | {a['n_images']} | {_pm(a['test'])} |"
+                    + (f" {_pm(a['external'])} |" if ext else ""))
+        per_class.append(f"| {a['arm']}{'' if a['scale_percent'] is None else ' ' + scale} | "
+                         + " | ".join(f"{v:.3f}" for v in a["test"]["per_class_f1_mean"]) + " |")
+    return "\n".join(arms + per_class)
 
 
 def plot_f1(results, path):
@@ -309,11 +300,10 @@ def _folder(arg):
 
 
 def _classifier_setup(args):
+    """The --preset's ClassifierConfig and TrainRecipe with the flags given on top."""
     make_cfg, make_recipe = clf.PRESETS[args.preset]
-    net = {k: getattr(args, k) for k in ("width", "depth", "image_size") if getattr(args, k) is not None}
-    recipe = {k: v for k, v in [("steps", args.steps), ("batch_size", args.train_batch_size), ("lr", args.lr)]
-              if v is not None}
-    return make_cfg(**net), make_recipe(**recipe)
+    given = lambda names: {k: getattr(args, k) for k in names if getattr(args, k) is not None}  # noqa: E731
+    return make_cfg(**given(("width", "depth", "image_size"))), make_recipe(**given(("steps", "batch_size", "lr")))
 
 
 def cmd_metrics(args):
@@ -326,8 +316,7 @@ def cmd_metrics(args):
         extractor = ClassifierFeatures(args.classifier, args.device)
     cache = None if args.no_cache else (args.cache_dir or os.path.join(cache_root(), "eval_features"))
     get = lambda d: extract_features(_folder(d), extractor, cache, args.batch_size, not args.quiet)  # noqa: E731
-    real, real_files = get(args.real)
-    fake, fake_files = get(args.fake)
+    (real, _), (fake, fake_files) = get(args.real), get(args.fake)
     res = {"features": extractor.name, "feature_net": extractor.identity, "feature_dim": extractor.dim,
            "real": args.real, "fake": args.fake, "n_real": len(real), "n_fake": len(fake),
            "fid": fid_from_features(real, fake), "k_precision_recall": args.k_pr,
@@ -384,14 +373,6 @@ def cmd_train_classifier(args):
     return extra
 
 
-def scale_list(text):
-    """--scales: comma-separated positive percentages, e.g. 100,200,500,1000."""
-    scales = tuple(positive_int(s.strip()) for s in text.split(",") if s.strip())
-    if not scales:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive percentages, e.g. 100,200,500,1000")
-    return scales
-
-
 EXAMPLES = f"""examples:
   python eval.py train-classifier --train digits --test digits:test --out runs/digits_clf
   python eval.py metrics --real digits:test --fake runs/samples --train digits \\
@@ -420,12 +401,10 @@ def build_parser():
             q.add_argument("--depth", type=positive_int, help="residual blocks per stage (preset's by default)")
             q.add_argument("--image-size", type=positive_int, help="input size in pixels (preset's by default)")
             q.add_argument("--steps", type=positive_int, help="optimisation steps per run (preset's by default)")
-            q.add_argument("--train-batch-size", type=positive_int, help="images per step (preset's by default)")
+            q.add_argument("--train-batch-size", dest="batch_size", type=positive_int, help="images per step")
             q.add_argument("--lr", type=positive_float, help="peak SGD learning rate (preset's by default)")
-            q.add_argument("--seed", type=non_negative_int, default=0,
-                           help="(first) seed: init, batch order, synthetic draws")
-        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="torch device (default: cuda if available, else cpu)")
+            q.add_argument("--seed", type=non_negative_int, default=0, help="(first) seed: init, batches, draws")
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
     m = command("metrics", cmd_metrics, "FID, precision/recall, density/coverage (and memorisation) of two folders")
@@ -450,12 +429,11 @@ def build_parser():
     c.add_argument("--synthetic", required=True, help="generated images, DIR/<class>/... with the same class names")
     c.add_argument("--test", required=True, help="real test images, DIR/<class>/... (or 'digits:test')")
     c.add_argument("--external", help="a second (external) real test set, DIR/<class>/...")
-    c.add_argument("--scales", type=scale_list, default=(100, 200, 500, 1000),
+    c.add_argument("--scales", type=comma_list(positive_int), default=[100, 200, 500, 1000],
                    help="synthetic-only arms, in %% of the real count per class (default 100,200,500,1000)")
     c.add_argument("--combined", action="store_true", help="also train on real + an equal amount (100 %%) of synthetic")
     c.add_argument("--seeds", type=positive_int, default=3, help="training runs per arm (mean and std reported)")
-    c.add_argument("--out", default=os.path.join("runs", "classify"),
-                   help="folder for classify.json, classify_f1.png and classifier_real/ (default runs/classify)")
+    c.add_argument("--out", default="runs/classify", help="folder for classify.json, classify_f1.png, classifier_real/")
     common(c)
 
     t = command("train-classifier", cmd_train_classifier, "train one classifier on real data (a feature net)")
