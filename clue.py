@@ -1,9 +1,8 @@
 """CLUE: Stable Diffusion with a KL-regularised Style Encoder and a second (style) cross-attention.
 
-Park et al., "CLUE: Controllable Latent space of Unprompted Embeddings for Diversity Management in
-Text-to-Image Synthesis", arXiv 2511.10993 (2025), read as in ../shared/DESIGN.md ("CLUE as this
-project implements it"). This file composes the parts (vae.py, text_encoder.py, unet.py,
-style_encoder.py, schedulers.py) into one model with three jobs:
+Park et al., "CLUE: Controllable Latent space of Unprompted Embeddings for Diversity Management in Text-to-Image
+Synthesis", arXiv 2511.10993 (2025), read as in ../shared/DESIGN.md ("CLUE as this project implements it"). This
+file composes the parts (vae.py, text_encoder.py, unet.py, style_encoder.py, schedulers.py) into one model:
 
 1. `loss`: the training objective
        L = E_{z0, c, eps, t} || target - f(z_t, t, c, s) ||^2        DDPM "simple" loss (Ho et al. 2020, eq. 14)
@@ -15,23 +14,20 @@ style_encoder.py, schedulers.py) into one model with three jobs:
        KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)   per dimension,
    both terms as *means* (per latent element, per style dimension), optional min-SNR-gamma weights
    (Hang et al. 2023), and condition dropout for classifier-free guidance (Ho & Salimans 2022).
-   The MMD term shapes the aggregated posterior q(s) = E_x q(s|x), where unprompted prior draws land, which the
-   per-image KL bounds but does not shape (InfoVAE, Zhao et al. 2019; WAE, Tolstikhin et al. 2018); with the
-   polynomial kernel k(x, y) = (1 + x.y)^2 it is a distance between moments,
-       MMD^2 = || E_q[s s^T] - I ||_F^2 + 2 || E_q[s] ||^2,
-   estimated without bias from a batch and without drawing from the prior (StyleEncoder.prior_mmd).
+   The MMD term (InfoVAE, Zhao et al. 2019; WAE, Tolstikhin et al. 2018) shapes the aggregated posterior
+   q(s) = E_x q(s|x), where unprompted prior draws land, which the per-image KL bounds but does not shape; with the
+   kernel (1 + x.y)^2 it is MMD^2 = ||E_q[s s^T] - I||_F^2 + 2 ||E_q[s]||^2 (StyleEncoder.prior_mmd).
 2. `generate`: DDIM (Song et al. 2021, eq. 12) with classifier-free guidance
        eps_hat = eps(z_t, c_neg, s) + w * (eps(z_t, c, s) - eps(z_t, c_neg, s))
-   in ONE batched U-Net call per step; the style s comes from the prior N(0, tau^2 I) ("unprompted
-   embeddings"), from the aggregated posterior of a class, from a reference image, or is given.
-   Choice made here: BOTH halves of the guidance batch get the same style, so guidance acts on the
-   text only and the style is never amplified by w; training matches it (text dropout keeps the style,
-   style dropout is drawn independently of text dropout).
-3. The per-class style posteriors and the diagnostics of the style latent (computed in style_stats.py), kept
-   with the model (checkpoint.py saves them).
+   in ONE batched U-Net call per step; the style s comes from the prior N(0, tau^2 I) ("unprompted embeddings"),
+   from the aggregated posterior of a class, from a reference image, or is given (StyleChoice, make_style).
+   Choice made here: BOTH halves of the guidance batch get the same style, so guidance acts on the text only and
+   the style is never amplified by w; training matches it (text dropout keeps the style, style dropout is drawn
+   independently of text dropout).
+3. The per-class style posteriors and the diagnostics of the style latent (style_stats.py), kept with the model.
 
-Left out: img2img/inpainting, other samplers than DDIM, guidance rescale, LoRA. A CLUE without a style
-encoder (`style=None`) is plain Stable Diffusion: that is how sample.py does text-to-image.
+Left out: img2img/inpainting, other samplers than DDIM, guidance rescale, LoRA. A CLUE without a style encoder
+(`style=None`) is plain Stable Diffusion: that is how sample.py does text-to-image.
 """
 from __future__ import annotations
 
@@ -146,7 +142,7 @@ class CLUE(nn.Module):
         # the aggregated posterior per class (fit_style_posterior): {name: {"prompt", *POSTERIOR_TENSORS}}
         self.style_posterior: dict[str, dict] = {}
         self.last_diagnostics: dict | None = None  # the latest diagnostics(), saved with the checkpoint
-        self.train_config: dict | None = None       # what save(extra=...) stored, e.g. the training settings
+        self.train_config: dict | None = None       # what save_clue(extra=...) stored, e.g. the training settings
 
     @property
     def device(self) -> torch.device:
@@ -176,6 +172,11 @@ class CLUE(nn.Module):
                            scale_factor=float(sd.scale_factor), **({} if clue_cfg else {"image_size": image_size}))
         style = StyleEncoder(style_cfg).to(next(unet.parameters()).device) if use_style else None
         return cls(sd.vae, sd.text_encoder, unet, style, sd.schedule, clue_cfg, sd.sampler_config)
+
+    def as_stable_diffusion(self) -> StableDiffusion:
+        """The SD parts of this model as a StableDiffusion (shares the modules, copies nothing; checkpoint.py)."""
+        return StableDiffusion(self.unet, self.vae, self.text_encoder, self.schedule, self.cfg.prediction_type,
+                               self.cfg.scale_factor, self.cfg.image_size, dict(self.sampler_config), "CLUE")
 
     @classmethod
     def from_config(cls, unet: UNetConfig | None = None, vae: VAEConfig | None = None, text: TextConfig | None = None,
@@ -231,17 +232,11 @@ class CLUE(nn.Module):
         raise ValueError(f"CLUEConfig.kl_mode must be 'beta' or 'capacity', got {c.kl_mode!r}")
 
     def loss(self, batch, step: int = 0, generator: torch.Generator | None = None):
-        """One training loss. Returns (loss, logs) with logs = {loss, mse, kl (nats per style dimension), ...}.
-
-        mse  = mean_b w_b * mean_elements (target - f(z_t, t, c', s'))^2                 (DDPM simple loss)
-               w_b = min(SNR_t, gamma)/SNR_t (eps) or min(SNR_t, gamma)/(SNR_t + 1) (v)  (min-SNR, optional)
-        kl   = mean over B,K,D of 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)
-        loss = mse + beta_step * kl        or        mse + gamma * |kl - C_step|        (+ lambda * mmd)
-        mmd  = StyleEncoder.prior_mmd(s) on the batch's sampled styles (the aggregated posterior vs N(0, I))
-        c' is "" with p=text_dropout; s' is skipped (style_scale 0 for that sample, exactly as style=None)
-        with p=style_dropout; the style encoder always sees the real prompt. A dict batch may carry precomputed
-        scaled latents under "latents" (the VAE is then skipped). All random draws come from `generator` (a CPU
-        generator; None: the global RNG)."""
+        """The training objective L of the module docstring on one batch -> (loss, logs), logs = {loss, mse, kl (nats
+        per style dimension), ...}. The prompt is "" with p=text_dropout, the style branch skipped (style_scale 0 for
+        that sample, exactly as style=None) with p=style_dropout; the style encoder always sees the real prompt. A dict
+        batch may carry precomputed scaled latents under "latents" (the VAE is then skipped). All random draws come
+        from `generator` (a CPU generator; None: the global RNG)."""
         images, prompts, _ = self.unpack(batch)
         B, dev = len(prompts), self.device
         z0 = batch["latents"].to(dev) if isinstance(batch, dict) and "latents" in batch else \
@@ -263,15 +258,15 @@ class CLUE(nn.Module):
             style = self.style_encoder.sample(mu, logvar, eps=randn_cpu(mu.shape, generator, dev, mu.dtype))
             keep = (torch.rand(B, generator=generator) >= self.cfg.style_dropout).to(dev, z0.dtype)
             style_scale = keep[:, None, None]  # (B,) -> (B,1,1): 0 skips the style branch for that sample
-            kl = self.style_encoder.kl(mu, logvar).mean()  # nats per style dimension
-            if self.cfg.mmd_weight > 0:
+            kl = self.style_encoder.kl(mu, logvar).mean()  # mean over B,K,D: nats per style dimension
+            if self.cfg.mmd_weight > 0:  # MMD^2 of the batch's sampled styles (the aggregated posterior) to N(0, I)
                 mmd = self.style_encoder.prior_mmd(style)
                 logs["mmd"] = mmd.item()
             logs["style_kept"] = keep.mean().item()
         pred = self.unet(z_t, t, unet_context, style=style, style_scale=style_scale)
         target = self.schedule.target(z0, eps, t)
-        mse_b = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-        if self.cfg.min_snr_gamma is not None:
+        mse_b = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,): mean over elements (DDPM simple)
+        if self.cfg.min_snr_gamma is not None:  # w_b = min(SNR_t, gamma) / SNR_t (eps), / (SNR_t + 1) (v)
             snr = self.schedule.snr(t)  # alpha_bar / (1 - alpha_bar)
             w = snr.clamp(max=self.cfg.min_snr_gamma)
             w = w / (snr + 1) if self.cfg.prediction_type == "v_prediction" else w / snr
@@ -281,7 +276,7 @@ class CLUE(nn.Module):
         if self.style_encoder is None:
             loss = mse
         else:
-            kl_term = weight * kl if self.cfg.kl_mode == "beta" else weight * (kl - capacity).abs()
+            kl_term = weight * kl if self.cfg.kl_mode == "beta" else weight * (kl - capacity).abs()  # gamma |KL - C|
             loss = mse + kl_term + self.cfg.mmd_weight * mmd
         logs.update(loss=loss.item(), mse=mse.item(), kl=kl.item(), kl_weight=weight, capacity=capacity,
                     text_dropped=drop_text.float().mean().item())
@@ -358,12 +353,10 @@ class CLUE(nn.Module):
     def generate(self, prompts: list[str] | str, sampling: Sampling | None = None, style: StyleChoice | None = None,
                  *, seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output: str = "image", progress: bool = True) -> torch.Tensor:
-        """Text(-and-style)-to-image, one image per prompt, with DDIM and classifier-free guidance (`sampling`,
-        default Sampling()); `style`: where the style tokens come from (StyleChoice), None: no style branch.
-
-        Random numbers: the initial latents come from `generator` (or a CPU generator seeded with `seed`, or the
-        global RNG); style draws come next from the same generator, or from their own when StyleChoice.seed is
-        given (fixed noise, varying style). latents: initial z_T (B,4,h,w), replacing the draw.
+        """Text(-and-style)-to-image, one image per prompt: DDIM with guidance (`sampling`, default Sampling()), the
+        style tokens from `style` (StyleChoice; None: no style branch). The initial latents z_T (B,4,h,w) are `latents`
+        or drawn from `generator` (or a CPU generator seeded with `seed`, or the global RNG); style draws come next from
+        the same generator, or from their own when StyleChoice.seed is given (fixed noise, varying style).
         Returns images in [0, 1] (B,3,H,W), or for output="latent" the final scaled latents (decode_latents)."""
         sp = sampling or Sampling()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -407,19 +400,11 @@ class CLUE(nn.Module):
 
     # ---------------------------------------------------------------- style statistics (style_stats.py)
     def fit_style_posterior(self, loader, max_batches: int | None = None, rank: int = 16) -> dict:
-        """Fit and keep (for style='posterior' / 'posterior_sample', saved with the checkpoint) the per-class
-        Gaussians of the aggregated posterior: style_stats.fit_class_posteriors."""
+        """Fit and keep the per-class Gaussians of the aggregated posterior (style_stats.fit_class_posteriors)."""
         self.style_posterior = style_stats.fit_class_posteriors(self, loader, max_batches, rank)
         return self.style_posterior
 
     def diagnostics(self, loader, max_batches: int | None = None, seed: int = 0) -> dict:
-        """Style-latent health on (held-out) data, kept as last_diagnostics (saved with the checkpoint):
-        style_stats.diagnostics."""
+        """Style-latent health on (held-out) data (style_stats.diagnostics), kept as last_diagnostics."""
         self.last_diagnostics = style_stats.diagnostics(self, loader, max_batches, seed)
         return self.last_diagnostics
-
-    # ---------------------------------------------------------------- save / load
-    def as_stable_diffusion(self) -> StableDiffusion:
-        """The SD parts of this model as convert.py's StableDiffusion (shares the modules, copies nothing)."""
-        return StableDiffusion(self.unet, self.vae, self.text_encoder, self.schedule, self.cfg.prediction_type,
-                               self.cfg.scale_factor, self.cfg.image_size, dict(self.sampler_config), "CLUE")

@@ -1,36 +1,27 @@
 """Noise schedule, DDPM ancestral sampling and DDIM sampling, for epsilon- and v-prediction.
 
 Papers and notation:
-  DDPM  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models" (arXiv 2006.11239).
-        beta_t is the variance added at step t, alpha_t = 1 - beta_t,
-        alpha_bar_t = prod_{s<=t} alpha_s.
-        Eq. 4:    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), so
-                  x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps            (q_sample)
+  DDPM  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models" (arXiv 2006.11239). beta_t is the variance
+        added at step t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
+        Eq. 4:    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                     (q_sample)
         Eq. 6-7:  the posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) with
                   mu_tilde   = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
                              + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
-                  beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t     ("fixed_small")
-        Eq. 15:   x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
+                  beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t     ("fixed_small", DDPMSampler)
+        Eq. 15:   x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)                    (predict_x0_eps)
   DDIM  Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models" (arXiv 2010.02502).
         NOTE: DDIM's alpha_t is DDPM's alpha_bar_t. We write alpha_bar everywhere.
-        Eq. 12:   x_{t-1} = sqrt(alpha_bar_{t-1}) x0_pred
-                          + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_pred + sigma_t z
-        Eq. 16:   sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t))
-                                sqrt(1 - alpha_bar_t / alpha_bar_{t-1})
-        eta = 0 is deterministic DDIM; eta = 1 is DDPM's ancestral step with beta_tilde.
-  v-prediction  Salimans & Ho 2022, "Progressive Distillation" (arXiv 2202.00512), Sec. 4:
-        v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, hence
-        x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v,  eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t.
+        Eq. 12:   x_{t-1} = sqrt(alpha_bar_{t-1}) x0_pred + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_pred + sigma_t z
+        Eq. 16:   sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t-1})
+        eta = 0 is deterministic DDIM; eta = 1 is DDPM's ancestral step with beta_tilde (DDIMSampler).
+  v-prediction  Salimans & Ho 2022, "Progressive Distillation" (arXiv 2202.00512), Sec. 4: v = sqrt(alpha_bar_t) eps
+        - sqrt(1 - alpha_bar_t) x_0 (velocity), hence x_0 and eps from v (predict_x0_eps).
 
-Stable Diffusion's settings (the defaults here, equal to diffusers' SD scheduler configs):
-"scaled_linear" betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2; sampling timesteps with
-"leading" spacing plus steps_offset 1; DDIM's final step goes to alpha_bar_0, not to 1
-(set_alpha_to_one False); x0_pred is never clipped (clip_sample False).
+Stable Diffusion's settings are the defaults here (SD_SCHEDULE, SD_SAMPLER: diffusers' SD scheduler configs); x0_pred
+is never clipped. The schedule is computed once in float64 and kept as float32 tensors; t (B,) indexes per sample.
 
-Left out: other beta schedules (cosine), zero-terminal-SNR rescaling, "trailing"/"linspace"
-spacing, thresholding and clipping of x0_pred, learned variances, "sample" prediction.
-The schedule is computed once in float64 and kept as float32 tensors; t has shape (B,) and
-indexes per sample.
+Left out: other beta schedules (cosine), zero-terminal-SNR rescaling, "trailing"/"linspace" spacing, thresholding
+and clipping of x0_pred, learned variances, "sample" prediction.
 """
 from __future__ import annotations
 
@@ -39,7 +30,8 @@ import math
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Every SD 1.x / 2.x release trains with this schedule and samples with these DDIM settings.
+# Every SD 1.x / 2.x release trains with this schedule ("scaled_linear": linspace(sqrt(b0), sqrt(b1), T)^2) and
+# samples with these DDIM settings ("leading" spacing + 1; the final step lands on alpha_bar_0, not on 1).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SD_SAMPLER = dict(steps_offset=1, set_alpha_to_one=False)
 
@@ -52,40 +44,31 @@ def sd_image_size(prediction_type: str) -> int:
 class NoiseSchedule:
     """The forward process q(x_t | x_0) and the conversions between eps, v and x_0."""
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                 beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
-                 prediction_type: str = "epsilon"):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "scaled_linear", prediction_type: str = "epsilon"):
         if beta_schedule == "scaled_linear":  # SD: linear in sqrt(beta)
-            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps,
-                                   dtype=torch.float64) ** 2
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
         elif beta_schedule == "linear":  # DDPM paper: 1e-4 .. 0.02
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         else:
-            raise ValueError(f"NoiseSchedule: beta_schedule must be 'scaled_linear' or 'linear', "
-                             f"got {beta_schedule!r}")
+            raise ValueError(f"NoiseSchedule: beta_schedule must be 'scaled_linear' or 'linear', got {beta_schedule!r}")
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"NoiseSchedule: prediction_type must be one of {PREDICTION_TYPES}, "
-                             f"got {prediction_type!r}")
-        self.num_train_timesteps = num_train_timesteps
-        self.beta_start, self.beta_end = beta_start, beta_end
-        self.beta_schedule = beta_schedule
-        self.prediction_type = prediction_type
+            raise ValueError(f"NoiseSchedule: prediction_type must be in {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.num_train_timesteps, self.beta_start, self.beta_end = num_train_timesteps, beta_start, beta_end
+        self.beta_schedule, self.prediction_type = beta_schedule, prediction_type
 
         alphas = 1.0 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
         self.alpha_bar64 = alpha_bar  # float64 copy: the samplers' per-step scalars come from it
-        self.betas = betas.float()
-        self.alphas = alphas.float()
-        self.alpha_bar = alpha_bar.float()
+        self.betas, self.alphas, self.alpha_bar = betas.float(), alphas.float(), alpha_bar.float()
         self.sqrt_alpha_bar = alpha_bar.sqrt().float()
         self.sqrt_one_minus_alpha_bar = (1.0 - alpha_bar).sqrt().float()
         self.snr_table = (alpha_bar / (1.0 - alpha_bar)).float()  # signal-to-noise ratio per t
 
     def to_dict(self) -> dict:
         """The constructor arguments (for a checkpoint's config.json)."""
-        return dict(num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start,
-                    beta_end=self.beta_end, beta_schedule=self.beta_schedule,
-                    prediction_type=self.prediction_type)
+        return dict(num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start, beta_end=self.beta_end,
+                    beta_schedule=self.beta_schedule, prediction_type=self.prediction_type)
 
     def _at(self, table: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
         """table[t], shaped to broadcast against x: (B,) -> (B,1,...,1); an int t gives a scalar."""
@@ -93,8 +76,7 @@ class NoiseSchedule:
         if t.dtype.is_floating_point:
             raise TypeError(f"NoiseSchedule: timesteps must be integers, got dtype {t.dtype}")
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
-            raise ValueError(f"NoiseSchedule: t must be a scalar or have shape (B,)=({x.shape[0]},), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(f"NoiseSchedule: t must be a scalar or of shape (B,)=({x.shape[0]},): {tuple(t.shape)}")
         if int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps:
             raise ValueError(f"NoiseSchedule: timesteps must lie in [0, {self.num_train_timesteps - 1}]")
         values = table.to(x.device)[t].to(x.dtype)
@@ -120,8 +102,8 @@ class NoiseSchedule:
             eps = model_output
             x0 = (x_t - s * eps) / a                          # DDPM eq. 15
         else:
-            x0 = a * x_t - s * model_output                   # v-prediction, Salimans & Ho 2022
-            eps = a * model_output + s * x_t
+            x0 = a * x_t - s * model_output                   # x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
+            eps = a * model_output + s * x_t                  # eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t
         return x0, eps
 
     def snr(self, t) -> torch.Tensor:
@@ -137,22 +119,20 @@ def _leading_timesteps(num_train_timesteps: int, n: int, steps_offset: int) -> t
     ratio = num_train_timesteps // n
     timesteps = torch.arange(n - 1, -1, -1, dtype=torch.long) * ratio + steps_offset
     if int(timesteps[0]) >= num_train_timesteps:
-        raise ValueError(f"set_timesteps: {n} steps with steps_offset {steps_offset} would start at "
-                         f"t={int(timesteps[0])} >= {num_train_timesteps}; use at most "
-                         f"{num_train_timesteps - 1} steps")
+        raise ValueError(f"set_timesteps: {n} steps with steps_offset {steps_offset} would start at t="
+                         f"{int(timesteps[0])} >= {num_train_timesteps}; use at most {num_train_timesteps - 1} steps")
     return timesteps
 
 
 def randn_cpu(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
     """N(0, I) drawn in float32 on the CPU (from an optional CPU generator), then moved to `device`: the same seed
-    gives the same numbers on every device, as diffusers' randn_tensor does for a CPU generator. CLUE's draws."""
+    gives the same numbers on every device, as diffusers' randn_tensor does for a CPU generator (clue.py's draws)."""
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """N(0, I) shaped like x, in x's dtype, drawn where `generator` lives (else on x's device), then moved to x's
-    device: the samplers' and the VAE posterior's draws, as diffusers' randn_tensor (the global RNG of x's device
-    without a generator, which randn_cpu would not use)."""
+    """N(0, I) shaped like x, in x's dtype, drawn where `generator` lives (without one: x's device's global RNG, not
+    the CPU's as randn_cpu), then moved to x's device: the samplers' and the VAE posterior's draws."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -174,10 +154,8 @@ class DDIMSampler:
     def __init__(self, schedule: NoiseSchedule, steps_offset: int = 1, set_alpha_to_one: bool = False):
         self.schedule = schedule
         self.steps_offset = steps_offset  # SD: 1, so 50 steps run t = 981, 961, ..., 1
-        # What alpha_bar the last step lands on: alpha_bar_0 (SD) or exactly 1.
-        self.final_alpha_bar = 1.0 if set_alpha_to_one else float(schedule.alpha_bar64[0])
-        self.num_inference_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
+        self.final_alpha_bar = 1.0 if set_alpha_to_one else float(schedule.alpha_bar64[0])  # where the last step lands
+        self.num_inference_steps, self.timesteps = None, None  # set by set_timesteps
 
     def set_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """Choose the sampling timesteps ("leading" spacing); returns them, descending."""
@@ -208,11 +186,9 @@ class DDIMSampler:
 class DDPMSampler:
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7, variance beta_tilde: "fixed_small").
 
-    With fewer steps than the training chain, a step t -> t_prev uses the strided quantities
-    alpha_t = alpha_bar_t / alpha_bar_{t_prev}, beta_t = 1 - alpha_t; the last step lands on
-    alpha_bar = 1 (x_0 itself). Same interface as DDIMSampler, without eta (DDIM with eta=1 is
-    this sampler).
-    """
+    With fewer steps than the training chain, a step t -> t_prev uses the strided quantities alpha_t =
+    alpha_bar_t / alpha_bar_{t_prev}, beta_t = 1 - alpha_t; the last step lands on alpha_bar = 1 (x_0 itself).
+    Same interface as DDIMSampler, without eta (DDIM with eta=1 is this sampler)."""
 
     def __init__(self, schedule: NoiseSchedule, steps_offset: int = 1):
         self.schedule = schedule

@@ -1,34 +1,25 @@
 """The KL Style Encoder of CLUE (Park et al., arXiv 2511.10993): image latent + prompt -> Gaussian style tokens.
 
-The paper (abstract; PAPER.md) describes a Style Encoder that takes an image and its prompt and produces
-style embeddings, which a new second cross-attention layer of the U-Net reads; a Kullback-Leibler term
-pulls the style latent towards a Gaussian, so that at generation time "unprompted" style embeddings can
-be drawn from N(0, I). The architecture below is this project's reading (DESIGN.md, "CLUE as this
-project implements it"); the paper does not publish its layers.
+The paper (abstract; PAPER.md) describes a Style Encoder that takes an image and its prompt and produces style
+embeddings, which a new second cross-attention layer of the U-Net reads; a Kullback-Leibler term pulls the style
+latent towards a Gaussian, so that at generation time "unprompted" style embeddings can be drawn from N(0, I). The
+architecture below is this project's reading (DESIGN.md, "CLUE as this project implements it"); the paper does not
+publish its layers.
 
     z0 (B,C,h,w) --conv stem, patch p--> patch tokens (B, ceil(h/p)*ceil(w/p), W) + 2-D sin/cos positions
     c  (B,77,D)  --LayerNorm, Linear--> text tokens (B, 77, W)
     memory = LayerNorm([patch tokens; text tokens])
     K learned queries (K, W) --`layers` x [self-attn, cross-attn to memory, GEGLU FF] (pre-norm)--> (B,K,W)
-    LayerNorm -> two Linear heads -> mu, logvar  each (B, K, D)
+    LayerNorm -> two Linear heads -> mu, logvar  each (B, K, D), D the U-Net's context width (a text token's)
 
-D is the U-Net's context width, so a style token is the same width as a text token.
-
-The encoder is the approximate posterior q(s | z0, c) = N(mu, diag sigma^2) of a conditional VAE
-(Kingma & Welling 2014), with the prior p(s) = N(0, I):
-- sampling is reparameterised, s = mu + sigma * eps with eps ~ N(0, I) (K&W Sec. 2.4), so the diffusion
-  loss back-propagates into mu and sigma;
-- the KL term of the ELBO has the closed form of K&W Appendix B (their Eq. 10, written per dimension):
-      KL(N(mu, sigma^2) || N(0, 1)) = 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2)
-  clue.py averages it over batch, tokens and dimensions ("nats per style dimension") and weights it with
-  beta (Higgins et al. 2017) or a capacity target (Burgess et al. 2018);
-- `prior_mmd` compares the styles of a whole batch (the aggregated posterior) with the prior, which the
-  per-image KL cannot do (why: clue.py's docstring).
+The encoder is the approximate posterior q(s | z0, c) = N(mu, diag sigma^2) of a conditional VAE (Kingma & Welling
+2014) with the prior p(s) = N(0, I): `sample` is reparameterised (K&W Sec. 2.4), `kl` is K&W's closed form per
+dimension (clue.py averages and weights it), `prior_mmd` compares a whole batch's styles (the aggregated posterior)
+with the prior, which the per-image KL cannot do.
 
 Initialisation: the logvar head is zero (sigma = 1 for every input); the mu head keeps PyTorch's default init
-(|mu| ~ 0.6 per dimension), so that the diffusion loss sees a style signal to amplify from the first step.
-log sigma^2 is clamped to [LOGVAR_MIN, LOGVAR_MAX] (as ldm clamps its VAE posterior) so that exp()
-cannot overflow and sigma cannot collapse to exactly zero. Left out: any attention masking of the
+(|mu| ~ 0.6 per dimension), so that the diffusion loss sees a style signal to amplify from the first step. log
+sigma^2 is clamped (LOGVAR_MIN, LOGVAR_MAX) as ldm clamps its VAE posterior. Left out: attention masks for the
 padded prompt tokens (SD's U-Net attends to all 77, and so does this encoder).
 """
 from __future__ import annotations
@@ -155,11 +146,10 @@ class StyleEncoder(nn.Module):
 
     @staticmethod
     def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """KL(N(mu, sigma^2) || N(0, 1)) per dimension, same shape as mu (B,K,D), in nats, at least fp32:
-            0.5 * (mu^2 + sigma^2 - 1 - log sigma^2)          (Kingma & Welling 2014, App. B)"""
+        """KL(N(mu, sigma^2) || N(0, 1)) per dimension, same shape as mu (B,K,D), in nats, at least fp32."""
         dtype = torch.promote_types(mu.dtype, torch.float32)
         mu, logvar = mu.to(dtype), logvar.to(dtype)
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # 1/2 (mu^2 + sigma^2 - 1 - log sigma^2), K&W App. B
 
     @staticmethod
     def prior_mmd(s: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,10 @@
 """Statistics of the style latent over a dataset: the per-class aggregated posteriors that CLUE samples from
-(style='posterior') and the diagnostics that tell whether the style is used and whether prior draws land on it.
+(StyleChoice("posterior")) and the diagnostics that tell whether the style is used and whether prior draws land on it.
 
 CLUE (Park et al., arXiv 2511.10993) draws "unprompted" styles from the prior N(0, I). That only works if the
-aggregated posterior q(s) = E_x q(s|x), the styles the U-Net saw in training, looks like N(0, I); a per-image
-KL cannot guarantee it (clue.py's docstring). This file measures it:
-  encode_dataset        the encoder over a loader: z0, prompts, class names, context, mu, logvar
-  fit_class_posteriors  per class, a Gaussian moment-matched to q(s | class), low rank + diagonal covariance
-  posterior_draw        one style from such a Gaussian, at temperature tau
-  diagnostics           KL per dimension, active units, full-covariance distance of q(s) from N(0, I) and its
-                        top eigenvalues, and the held-out denoising loss with four kinds of style
-CLUE.fit_style_posterior and CLUE.diagnostics call these and keep the results with the model (and checkpoint).
+aggregated posterior q(s) = E_x q(s|x), the styles the U-Net saw in training, looks like N(0, I), which a per-image
+KL cannot guarantee: this file measures it. CLUE.fit_style_posterior and CLUE.diagnostics call these functions and
+keep the results with the model (checkpoint.py saves them).
 """
 from __future__ import annotations
 
@@ -92,8 +87,7 @@ def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) ->
       agg_kl_per_dim       KL(N(m, Sigma) || N(0, I)) / d with the FULL covariance; 0 iff m = 0 and
                            Sigma = I. Sigma has full rank even for fewer images than dimensions (the sigma^2
                            term): it is the moment-matched Gaussian of the mixture over exactly these images
-      agg_kl_diag_per_dim  the same with only the diagonal of Sigma: blind to styles that live along a few
-                           directions off the axes (it read 0.0007 on a model whose agg_kl_per_dim was 0.03)
+      agg_kl_diag_per_dim  the same with only the diagonal of Sigma: blind to styles along a few directions off the axes
       agg_top_eigenvalues  the 5 largest eigenvalues of Sigma: N(0, I) has 1 in every direction; >> 1 means
                            prior draws at tau = 1 explore only part of the styles (about tau ~ sqrt(eigenvalue))
       agg_mmd_per_dim      ||E[s s^T] - I||_F^2 + 2 |E s|^2 over d, exact on these images (the training term)

@@ -1,32 +1,23 @@
 """The CLIP text tower that turns a prompt into Stable Diffusion's conditioning c: (B, 77, D).
 
-Stable Diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
-Models", Sec. 3.3) conditions its U-Net on the *per-token* hidden states of a frozen CLIP text
-transformer (Radford et al. 2021), not on CLIP's pooled text embedding. Two towers are in use:
+Stable Diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", Sec. 3.3)
+conditions its U-Net on the *per-token* hidden states of a frozen CLIP text transformer (Radford et al. 2021), not
+on CLIP's pooled text embedding. Two towers are in use:
 
-  SD 1.x  OpenAI CLIP ViT-L/14 text tower: width 768, 12 heads, 12 blocks, QuickGELU
-          (x * sigmoid(1.702 x)); all blocks run, then the final LayerNorm; prompts are padded
-          to 77 tokens with the end token 49407 (what the SD 1.5 tokenizer does).
-  SD 2.x  OpenCLIP ViT-H/14 text tower: width 1024, 16 heads, 24 blocks, exact GELU. SD 2 takes
-          the "penultimate" layer: only the first 23 blocks run, then the final LayerNorm
-          (ldm's FrozenOpenCLIPEmbedder(layer="penultimate")). We simply *build* 23 blocks; the
-          24th is never used, so a converter drops its weights. Prompts are zero-padded.
+  SD 1.x  OpenAI CLIP ViT-L/14 text tower: width 768, 12 heads, 12 blocks, QuickGELU (x * sigmoid(1.702 x)); all
+          blocks run, then the final LayerNorm; prompts are padded to 77 tokens with the end token 49407.
+  SD 2.x  OpenCLIP ViT-H/14 text tower: width 1024, 16 heads, 24 blocks, exact GELU. SD 2 takes the "penultimate"
+          layer (ldm's FrozenOpenCLIPEmbedder(layer="penultimate")): we *build* only the first 23 blocks, then the
+          final LayerNorm; a converter drops the 24th block's weights. Prompts are zero-padded.
 
 Each block is pre-norm:  x = x + attn(ln_1(x), causal mask);  x = x + mlp(ln_2(x)),  mlp = c_proj(act(c_fc)).
-The module is open_clip's own `TextTransformer` (so its parameter names are open_clip's:
-`token_embedding`, `positional_embedding`, `transformer.resblocks.N.{ln_1, attn.in_proj_weight,
-attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`), with our own forward
-that returns all token states and skips pooling. Its output equals the diffusers SD pipelines'
-prompt embeddings: transformers `CLIPTextModel(...).last_hidden_state` of the 12-layer (SD 1) or
-23-layer (SD 2) model.
+The module is open_clip's own `TextTransformer` (so open_clip's parameter names) with our own forward, which returns
+all token states: the diffusers SD pipelines' prompt embeddings, transformers `CLIPTextModel(...).last_hidden_state`
+of the 12-layer (SD 1) or 23-layer (SD 2) model. The tokenizer is open_clip's byte-level BPE (bundled: offline).
 
-Left out: CLIP's pooling and `text_projection` (SD never uses them: the attribute is set to None,
-so no such weight exists), the attention mask for padding (SD pipelines pass none: the causal
-mask alone keeps real tokens blind to the padding after them), prompt weighting and prompts
-longer than 77 tokens (they are truncated, keeping the end token, as the SD tokenizers do).
-
-Tokenizer: open_clip's `SimpleTokenizer` (byte-level BPE; its vocabulary file ships inside the
-open_clip package, so this works offline). convert.py maps transformers' `CLIPTextModel` onto these names.
+Left out: CLIP's pooling and `text_projection` (SD never uses them: no such weight exists), the attention mask for
+padding (SD pipelines pass none: the causal mask alone keeps real tokens blind to the padding after them), prompt
+weighting and prompts longer than 77 tokens (truncated, keeping the end token, as the SD tokenizers do).
 """
 from __future__ import annotations
 
@@ -76,14 +67,10 @@ class TextConfig:
         """Tests and the CPU demo: width 64 (= UNetConfig.tiny().context_dim), 4 heads, 2 blocks."""
         if mode not in ("sd2", "sd1"):
             raise ValueError(f"TextConfig.tiny: mode must be 'sd2' or 'sd1', got {mode!r}")
-        if mode == "sd1":
-            return cls(width=64, heads=4, layers=2, act="quick_gelu", pad="eos")
-        return cls(width=64, heads=4, layers=2, act="gelu", pad="zero")
+        act, pad = ("quick_gelu", "eos") if mode == "sd1" else ("gelu", "zero")
+        return cls(width=64, heads=4, layers=2, act=act, pad=pad)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer() -> SimpleTokenizer:
     """open_clip's byte-level BPE, built once from its bundled bpe_simple_vocab_16e6.txt.gz."""
@@ -91,14 +78,10 @@ def bpe_tokenizer() -> SimpleTokenizer:
 
 
 def tokenize(prompts: str | list[str], context_length: int = 77, pad: str = "zero") -> torch.Tensor:
-    """Prompts -> LongTensor (B, context_length): [SOT, BPE tokens..., EOT, pad, pad, ...].
-
-    A prompt longer than the context is cut to context_length tokens with EOT kept as the last
-    one (open_clip and the SD tokenizers agree on this). `pad` is "zero" (SD 2) or "eos" (SD 1).
-    One known difference: diffusers' SD 2 tokenizer registers its pad token "!" as a special token,
-    so it turns every "!" in a prompt into id 0; open_clip (ldm, which trained SD 2) and we encode
-    it as "!</w>" (id 256).
-    """
+    """Prompts -> LongTensor (B, context_length): [SOT, BPE tokens..., EOT, pad, pad, ...], `pad` "zero" (SD 2) or
+    "eos" (SD 1); a longer prompt is cut to context_length tokens, EOT kept last (as open_clip and the SD tokenizers).
+    One known difference: diffusers' SD 2 tokenizer registers its pad token "!" as special, so every "!" in a prompt
+    becomes id 0; open_clip (ldm, which trained SD 2) and we encode it as "!</w>" (id 256)."""
     if pad not in ("zero", "eos"):
         raise ValueError(f"tokenize: pad must be 'zero' or 'eos', got {pad!r}")
     if isinstance(prompts, str):
@@ -116,26 +99,15 @@ def tokenize(prompts: str | list[str], context_length: int = 77, pad: str = "zer
     return tokens
 
 
-# ---------------------------------------------------------------------------------------------
-# The text tower
-# ---------------------------------------------------------------------------------------------
 class TextEncoder(TextTransformer):
     """open_clip's TextTransformer, returning every token's final-LayerNorm state (SD's context)."""
 
     def __init__(self, cfg: TextConfig):
-        # output_dim only sizes CLIP's text_projection, which SD does not use; it is removed below
-        # (passing width keeps the constructor valid on every open_clip version).
-        super().__init__(
-            context_length=cfg.context_length,
-            vocab_size=cfg.vocab_size,
-            width=cfg.width,
-            heads=cfg.heads,
-            layers=cfg.layers,
-            mlp_ratio=cfg.mlp_ratio,
-            output_dim=cfg.width,
-            act_layer=QuickGELU if cfg.act == "quick_gelu" else nn.GELU,
-            norm_layer=LayerNorm,  # nn.LayerNorm, eps 1e-5 (both CLIPs), result cast to input dtype
-        )
+        # output_dim only sizes CLIP's text_projection, removed below (width keeps every open_clip version happy);
+        # open_clip's LayerNorm is nn.LayerNorm (eps 1e-5, both CLIPs) with the result cast to the input dtype
+        super().__init__(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
+                         heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.width,
+                         act_layer=QuickGELU if cfg.act == "quick_gelu" else nn.GELU, norm_layer=LayerNorm)
         self.text_projection = None  # pooled-embedding head: not part of SD
         self.cfg = cfg
 
@@ -145,9 +117,8 @@ class TextEncoder(TextTransformer):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.shape[1] > self.cfg.context_length:
-            raise ValueError(
-                f"TextEncoder: expected token ids of shape (B, L<={self.cfg.context_length}), got "
-                f"{tuple(tokens.shape)}; make them with TextEncoder.tokenize(prompts)")
+            raise ValueError(f"TextEncoder: expected token ids of shape (B, L<={self.cfg.context_length}), got "
+                             f"{tuple(tokens.shape)}; make them with TextEncoder.tokenize(prompts)")
         L = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B,L) -> (B,L,D)
         # open_clip 2.24 runs its blocks sequence-first (L,B,D); newer versions batch-first.

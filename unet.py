@@ -10,21 +10,13 @@ that attends to style tokens s (B, K, D) produced by the Style Encoder,
 
 whose output projection starts at zero, so a converted SD model with the branch added computes bit-identical outputs.
 
-Pieces, bottom-up (module names equal diffusers' `UNet2DConditionModel`, so its state dict loads unchanged and only
-the new `norm_style` / `attn_style` parameters are left over):
-  timestep_embedding  sinusoidal features of t, [cos, sin] order (DDPM / Transformer positional encoding)
-  ResnetBlock         GroupNorm-SiLU-conv twice, time embedding added in between, 1x1 shortcut when widths differ
-  Downsample/Upsample stride-2 conv / nearest x2 + conv
-  Attention           multi-head attention through F.scaled_dot_product_attention (optional fp32 upcast)
-  FeedForward         GEGLU MLP (Shazeer 2020), x4 width
-  BasicTransformerBlock  self-attention, text cross-attention, CLUE style cross-attention, feed-forward
-  Transformer2D       GroupNorm, proj_in, blocks over the H*W tokens, proj_out, residual
-  UNet                conv_in, down levels, middle, up levels with skip connections, conv_out
+Module names equal diffusers' `UNet2DConditionModel`, so its state dict loads unchanged and only the new
+`norm_style` / `attn_style` parameters are left over. The pieces, bottom-up: timestep_embedding, ResnetBlock,
+Downsample / Upsample, Attention, FeedForward (GEGLU), BasicTransformerBlock, Transformer2D, UNet.
 
 Left out (SD never uses them): class/added conditioning, attention masks, dropout, ControlNet residual inputs,
-the SDXL / upscaler variants. Initialisation is PyTorch's default, as diffusers' from-scratch init; ldm would also
-zero-initialise proj_out / conv2 / conv_out of new models, we zero-initialise only the new style branch, which must
-start as an identity.
+the SDXL / upscaler variants. Initialisation is PyTorch's default, as diffusers' from-scratch init (ldm would also
+zero proj_out / conv2 / conv_out); only the new style branch is zero-initialised, as it must start as an identity.
 """
 import math
 from dataclasses import dataclass
@@ -47,8 +39,7 @@ class UNetConfig:
     transformer_depth: int = 1                # BasicTransformerBlocks per Transformer2D
     linear_projection: bool = True            # SD 2.x Linear proj_in/out; SD 1.x 1x1 convs
     norm_groups: int = 32                     # GroupNorm groups everywhere
-    resnet_eps: float = 1e-5                  # GroupNorm eps of resnets and conv_norm_out (diffusers' norm_eps);
-                                              # the transformers' GroupNorm always uses 1e-6, as diffusers
+    resnet_eps: float = 1e-5                  # GroupNorm eps of resnets, conv_norm_out (transformers': 1e-6 always)
     style: bool = True                        # build the CLUE style cross-attention in every transformer block
     upcast_attention: bool = False            # compute attention softmax in fp32 (SD 2.1 768-v under fp16)
     gradient_checkpointing: bool = False      # recompute resnets/transformers in backward (training only)
@@ -57,8 +48,7 @@ class UNetConfig:
         self.block_channels = tuple(self.block_channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         self.num_heads = tuple(self.num_heads)
-        n = len(self.block_channels)
-        if len(self.attention_levels) != n or len(self.num_heads) != n:
+        if not len(self.block_channels) == len(self.attention_levels) == len(self.num_heads):
             raise ValueError(f"UNetConfig: block_channels, attention_levels and num_heads need one entry per level; "
                              f"got {self.block_channels}, {self.attention_levels}, {self.num_heads}")
         for ch, heads in zip(self.block_channels, self.num_heads):
@@ -94,10 +84,9 @@ def is_style_param(name: str) -> bool:
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal features of the (possibly fractional) timesteps t (B,) -> (B, dim), [cos | sin] halves.
-
-    freq_i = max_period^(-i / (dim/2)), i = 0..dim/2-1 (SD: flip_sin_to_cos=True, frequency shift 0)."""
-    half = dim // 2
+    """Sinusoidal features of the (possibly fractional) timesteps t (B,) -> (B, dim), [cos | sin] halves (SD:
+    flip_sin_to_cos=True, frequency shift 0)."""
+    half = dim // 2  # freq_i = max_period^(-i / (dim/2)), i = 0..dim/2-1
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]                   # (B,) -> (B, dim/2)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -117,9 +106,8 @@ class TimeEmbedding(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """h = conv2(SiLU(norm2(conv1(SiLU(norm1(x))) + W_t SiLU(temb)))); out = shortcut(x) + h.
-
-    temb_dim=None builds the VAE's variant, without a time embedding."""
+    """h = conv2(SiLU(norm2(conv1(SiLU(norm1(x))) + W_t SiLU(temb)))); out = shortcut(x) + h. temb_dim=None builds
+    the VAE's variant, without a time embedding."""
 
     def __init__(self, in_channels, out_channels, temb_dim=None, groups=32, eps=1e-5):
         super().__init__()
@@ -162,19 +150,14 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="nearest")
-        return self.conv(x)
+        resize = {"scale_factor": 2.0} if size is None else {"size": tuple(size)}
+        return self.conv(F.interpolate(x, mode="nearest", **resize))
 
 
 class Attention(nn.Module):
-    """Multi-head attention softmax(Q K^T / sqrt(head_dim)) V (Vaswani et al. 2017; LDM Eq. 3).
-
-    Self-attention when context is None, else cross-attention from x (B, N, query_dim) to context (B, M, context_dim).
-    upcast=True computes q, k, v and the softmax in fp32 when the model runs in fp16/bf16 (SD 2.1 768-v needs it).
-    bias=True gives q/k/v biases (the VAE's attention); the U-Net's have none."""
+    """Multi-head attention softmax(Q K^T / sqrt(head_dim)) V (Vaswani et al. 2017; LDM Eq. 3): self-attention when
+    context is None, else cross-attention from x (B, N, query_dim) to context (B, M, context_dim). upcast=True: q, k,
+    v and the softmax in fp32 under fp16/bf16 (SD 2.1 768-v needs it). bias=True: q/k/v biases (the VAE's)."""
 
     def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, upcast=False, bias=False):
         super().__init__()
@@ -189,9 +172,8 @@ class Attention(nn.Module):
     def forward(self, x, context=None):
         context = x if context is None else context
         B = x.shape[0]
-        q = self.to_q(x).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B,N,h*d) -> (B,h,N,d)
-        k = self.to_k(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)
+        q, k, v = (proj(y).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B,N,h*d) -> (B,h,N,d)
+                   for proj, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
         if self.upcast and q.dtype != torch.float32:
             with torch.autocast(q.device.type, enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
@@ -312,8 +294,7 @@ class UNet(nn.Module):
         ch, skip_channels = ch0, [ch0]
         for i, (out, attend, heads) in enumerate(zip(cfg.block_channels, cfg.attention_levels, cfg.num_heads)):
             level = nn.Module()
-            level.resnets = nn.ModuleList()
-            level.attentions = nn.ModuleList()
+            level.resnets, level.attentions = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.layers_per_block):
                 level.resnets.append(resnet(ch, out))
                 if attend:
@@ -335,8 +316,7 @@ class UNet(nn.Module):
         levels = list(zip(cfg.block_channels, cfg.attention_levels, cfg.num_heads))[::-1]
         for i, (out, attend, heads) in enumerate(levels):
             level = nn.Module()
-            level.resnets = nn.ModuleList()
-            level.attentions = nn.ModuleList()
+            level.resnets, level.attentions = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.layers_per_block + 1):
                 level.resnets.append(resnet(ch + skip_channels.pop(), out))
                 if attend:
@@ -356,14 +336,13 @@ class UNet(nn.Module):
 
     def _check(self, x, t, context, style):
         if style is not None and not self.cfg.style:  # would be ignored silently
-            raise ValueError("unet.py: style tokens given to a U-Net without the style branch (UNetConfig(style=False), "
-                             "e.g. plain SD weights): load with style=True or build CLUE")
+            raise ValueError("unet.py: style tokens given to a U-Net without the style branch (UNetConfig("
+                             "style=False), e.g. plain SD weights): load with style=True or build CLUE")
         B = x.shape[0]
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"unet.py: x must be (B, {self.cfg.in_channels}, H, W) latents, got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.reshape(1).expand(B)
+        t = t.reshape(1).expand(B) if t.ndim == 0 else t
         if t.shape != (B,):
             raise ValueError(f"unet.py: t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
         for name, tokens in (("context", context), ("style", style)):

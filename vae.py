@@ -5,15 +5,9 @@ diagonal Gaussian posterior q(z|x) = N(mu, sigma^2) with "KL-reg." (a small KL(q
 training), a decoder D maps z back to pixels. The diffusion model works on z * scale_factor (0.18215 for SD 1.x/2.x,
 chosen so the scaled latents have about unit variance); this module returns and takes UNSCALED z, as diffusers.
 
-Layout (names equal diffusers' `AutoencoderKL`, so its state dict loads unchanged):
-  encoder: conv_in, down_blocks[i].{resnets, downsamplers.0}, mid_block.{resnets.0, attentions.0, resnets.1},
-           conv_norm_out, SiLU, conv_out -> 2 * latent_channels moments (mean, logvar)
-  quant_conv (1x1 on the moments) / post_quant_conv (1x1 on z)
-  decoder: conv_in, mid_block, up_blocks[i].{resnets (one more than the encoder), upsamplers.0}, conv_norm_out,
-           SiLU, conv_out
-Resnets are unet.py's ResnetBlock without a time embedding; the encoder's Downsample pads right/bottom by one and
-convolves with stride 2 and no padding (ldm); the mid-block attention is single-head self-attention over the H*W
-pixels with q/k/v biases, built from unet.py's Attention.
+Module names equal diffusers' `AutoencoderKL`, so its state dict loads unchanged. Resnets are unet.py's ResnetBlock
+without a time embedding; the encoder's Downsample pads right/bottom by one and convolves with stride 2 and no
+padding (ldm); the mid-block attention is single-head self-attention over the H*W pixels with q/k/v biases.
 
 Left out: the training losses of the autoencoder (LPIPS, patch discriminator), tiling/slicing for large images.
 """
@@ -128,10 +122,8 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down_blocks:
-            for resnet in level.resnets:
-                h = resnet(h)
-            for down in level.downsamplers:
-                h = down(h)                                       # (B,C,H,W) -> (B,C,H/2,W/2)
+            for layer in (*level.resnets, *level.downsamplers):  # the downsampler: (B,C,H,W) -> (B,C,H/2,W/2)
+                h = layer(h)
         h = self.mid_block(h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))      # -> (B, 2*latent, h, w) moments
 
@@ -157,10 +149,8 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid_block(self.conv_in(z))
         for level in self.up_blocks:
-            for resnet in level.resnets:
-                h = resnet(h)
-            for up in level.upsamplers:
-                h = up(h)                                         # (B,C,H,W) -> (B,C,2H,2W)
+            for layer in (*level.resnets, *level.upsamplers):    # the upsampler: (B,C,H,W) -> (B,C,2H,2W)
+                h = layer(h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
