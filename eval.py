@@ -43,14 +43,21 @@ CHUNK = 2048  # rows of a distance matrix computed at once (memory: CHUNK x N fl
 
 
 # -- 1. Image folders -> features (batched, cached per folder) ---------------------------------------------------------
-class InceptionFeatures:
+class FeatureNet:
+    """What extract_features needs: name, dim, identity (part of the cache key), load(path) -> (3,H,W), and the
+    network on a batch -> (B, dim) float64."""
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        return self.net(batch.to(self.device)).double().cpu()
+
+
+class InceptionFeatures(FeatureNet):
     """pool3 of the FID Inception-v3: images at their own size in [0, 1]; the network resizes to 299."""
-    name = "inception"
+    name, dim = "inception", 2048
 
     def __init__(self, weights, device="cpu"):
-        self.model = load_fid_inception(weights).to(device)
-        self.device, self.dim = device, 2048
-        stat = os.stat(weights)
+        self.net, self.device, stat = load_fid_inception(weights).to(device), device, os.stat(weights)
         self.identity = {"net": "fid-inception-v3", "preprocess": "own size, [0,1], bilinear to 299 in the net",
                          "weights": os.path.abspath(weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -59,28 +66,20 @@ class InceptionFeatures:
             img = to_rgb(ImageOps.exif_transpose(img))
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
 
-    @torch.no_grad()
-    def __call__(self, batch):
-        return self.model(batch.to(self.device)).double().cpu()
 
-
-class ClassifierFeatures:
+class ClassifierFeatures(FeatureNet):
     """Penultimate features of an eval.py classifier: images resized and cropped as data.load_image."""
     name = "classifier"
 
     def __init__(self, path, device="cpu"):
-        self.model, config = clf.load_classifier(path, device)
-        self.device, self.size, self.dim = device, self.model.cfg.image_size, self.model.cfg.feature_dim
-        weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in self.model.state_dict().values()))
+        model, config = clf.load_classifier(path, device)
+        self.net, self.device, self.size, self.dim = model.features, device, model.cfg.image_size, model.cfg.feature_dim
+        weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in model.state_dict().values()))
         self.identity = {"net": "classifier", "preprocess": "data.load_image", "checkpoint": os.path.abspath(path),
                          "weights_sha256": weights.hexdigest(), "config": config["classifier"]}
 
     def load(self, path):
         return load_image(path, self.size)
-
-    @torch.no_grad()
-    def __call__(self, batch):
-        return self.model.features(batch.to(self.device)).double().cpu()
 
 
 def extract_features(folder, extractor, cache_dir=None, batch_size=50, progress=True):
@@ -173,28 +172,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not np.isfinite(covmean).all():
         # the product is (numerically) singular: regularise both covariances with eps * I
         print(f"frechet_distance: singular covariance product; adding {eps} to the diagonals", file=sys.stderr)
-        offset = eps * np.eye(len(mu1))
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = scipy.linalg.sqrtm((sigma1 + eps * np.eye(len(mu1))) @ (sigma2 + eps * np.eye(len(mu1))))
     if np.iscomplexobj(covmean):
         # sqrt of a product of two PSD matrices has real eigenvalues; round-off can add a small imaginary part
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise DataError(f"frechet_distance: the matrix square root has a significant imaginary part "
-                             f"(max {np.abs(covmean.imag).max():.3g}); the covariances are probably not "
-                             "positive semi-definite or far too few images were used")
+                            f"(max {np.abs(covmean.imag).max():.3g}); the covariances are probably not "
+                            "positive semi-definite or far too few images were used")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def feature_statistics(features):
-    """Mean and unbiased covariance (N-1) of (N, D) features."""
-    f = _as_features(features, "FID", min_rows=2)
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def fid_from_features(real, fake):
+    """FID of two (N, D) feature sets: means and unbiased (N-1) covariances into frechet_distance."""
     real, fake = _as_pair(real, fake, 2, 2)
-    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    return frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False))
 
 
 def _inside_any_ball(points, centres, radii):
@@ -272,17 +265,14 @@ def plot_f1(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    sets = ["test"] + (["external"] if results["folders"]["external"] else [])
-    for name, color in zip(sets, ["C0", "C1"]):
-        syn = [a for a in results["arms"] if a["arm"] == "synthetic"]
-        ax.errorbar([a["scale_percent"] for a in syn], [a[name]["mean"] for a in syn],
-                    yerr=[a[name]["std"] for a in syn], color=color, marker="o", capsize=3,
-                    label=f"synthetic only ({name})")
-        for a in results["arms"]:
-            if a["arm"] != "synthetic":
-                ax.axhline(a[name]["mean"], color=color, ls="--" if a["arm"] == "real" else ":",
-                           label=f"{a['arm']} ({name})")
-    scales = [a["scale_percent"] for a in results["arms"] if a["arm"] == "synthetic"]
+    syn = [a for a in results["arms"] if a["arm"] == "synthetic"]
+    scales = [a["scale_percent"] for a in syn]
+    for name, color in zip(["test"] + (["external"] if results["folders"]["external"] else []), ["C0", "C1"]):
+        ax.errorbar(scales, [a[name]["mean"] for a in syn], yerr=[a[name]["std"] for a in syn], color=color,
+                    marker="o", capsize=3, label=f"synthetic only ({name})")
+        for a in (a for a in results["arms"] if a["arm"] != "synthetic"):
+            ax.axhline(a[name]["mean"], color=color, ls="--" if a["arm"] == "real" else ":",
+                       label=f"{a['arm']} ({name})")
     ax.set(xscale="log", xlabel="synthetic images, % of the real count per class", ylabel="macro F1")
     ax.set_xticks(scales, [f"{s} %" for s in scales])
     ax.minorticks_off()
