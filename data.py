@@ -1,7 +1,7 @@
 """Labelled image folders -> (image, fixed-format prompt) examples, and the built-in `digits` demo dataset.
 
-The CLUE paper (arXiv 2511.10993) fine-tunes Stable Diffusion on a *small* labelled medical dataset whose prompts
-all follow one fixed format, "an otoscopic image of {diagnosis}". This file gives that setting for any folder:
+The CLUE paper (arXiv 2511.10993) fine-tunes Stable Diffusion on a *small* labelled medical dataset, every prompt
+in one fixed format, "an otoscopic image of {diagnosis}". This file gives that setting for any folder:
 
     my_data/                       ClassFolderDataset("my_data", "an otoscopic image of {class}")
         acute_otitis_media/*.png   -> class "acute otitis media", label 0
@@ -68,9 +68,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P":  # palette: keep its transparency, if any, as an alpha channel
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
 
@@ -172,8 +170,7 @@ class ClassFolderDataset(Dataset):
             raise DataError(f"size ({size}) and limit_per_class ({limit_per_class}) must be >= 1 (or None)")
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist or is not a folder")
-        self.prompt_template, self.size = prompt_template, size
-        self.random_crop, self.flip = random_crop, flip
+        self.prompt_template, self.size, self.random_crop, self.flip = prompt_template, size, random_crop, flip
 
         entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
         class_dirs = [p for p in entries if p.is_dir()]
@@ -224,10 +221,7 @@ class ClassFolderDataset(Dataset):
         return {"image": image, "prompt": self.prompts[label], "label": label, "path": path}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Images out, and the cache folder
-# ----------------------------------------------------------------------------------------------------
-
+# -- Images out, and the cache folder ----------------------------------------------------------------------------------
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3,H,W) in [0,1] -> 8-bit RGB, rounding as diffusers' numpy_to_pil does (x * 255, round)."""
     a = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -253,15 +247,14 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir).expanduser()
 
 
+# -- The built-in demo dataset: scikit-learn's handwritten digits ----------------------------------------------------
 def _digits_split(target: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:
     """Stratified split: in each class, a seeded permutation; the first round(test_fraction * n) go to test.
     -> boolean mask, True = test."""
-    rng = np.random.default_rng(seed)
-    is_test = np.zeros(len(target), dtype=bool)
+    rng, is_test = np.random.default_rng(seed), np.zeros(len(target), dtype=bool)
     for c in np.unique(target):  # sorted classes, so the rng is consumed in a fixed order
         idx = np.flatnonzero(target == c)
-        n_test = int(round(test_fraction * len(idx)))
-        is_test[rng.permutation(idx)[:n_test]] = True
+        is_test[rng.permutation(idx)[:int(round(test_fraction * len(idx)))]] = True
     return is_test
 
 
