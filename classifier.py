@@ -140,7 +140,6 @@ class ResNet(nn.Module):
 
 
 # -- Training and evaluation. Images are uint8 tensors (N,3,S,S); see to_uint8 / from_uint8. ---------------------------
-
 def to_uint8(x):
     """[-1, 1] float images (data.load_image) -> uint8 (exact for images that came from 8-bit files)."""
     return torch.from_numpy(np.rint((x.numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8))
@@ -170,8 +169,7 @@ def learning_rate(step, recipe: TrainRecipe):
     warmup = max(1, int(recipe.warmup_fraction * recipe.steps))
     if step < warmup:
         return recipe.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, recipe.steps - warmup)
-    return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return recipe.lr * 0.5 * (1 + math.cos(math.pi * ((step - warmup) / max(1, recipe.steps - warmup))))
 
 
 def train_classifier(images, labels, cfg: ClassifierConfig, recipe: TrainRecipe, seed=0, device="cpu",
@@ -184,8 +182,7 @@ def train_classifier(images, labels, cfg: ClassifierConfig, recipe: TrainRecipe,
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
                           weight_decay=recipe.weight_decay)
-    batch = min(recipe.batch_size, len(images))
-    order = torch.empty(0, dtype=torch.long)
+    batch, order = min(recipe.batch_size, len(images)), torch.empty(0, dtype=torch.long)
     for step in tqdm(range(recipe.steps), desc=desc, disable=not progress, leave=False):
         if len(order) < batch:  # a fresh permutation every epoch
             order = torch.cat([order, torch.randperm(len(images), generator=gen)])
@@ -228,15 +225,13 @@ def f1_from_confusion(cm):
 
 def evaluate(model, images, labels, num_classes, device="cpu"):
     """-> dict(macro_f1, accuracy, per_class_f1, confusion) on one test set."""
-    pred = predict(model, images, device=device)
-    cm = confusion_matrix(labels, pred, num_classes)
+    cm = confusion_matrix(labels, predict(model, images, device=device), num_classes)
     per_class, macro = f1_from_confusion(cm)
     return {"macro_f1": macro, "accuracy": float(np.trace(cm) / max(1, cm.sum())),
             "per_class_f1": per_class.tolist(), "confusion": cm.tolist()}
 
 
 # -- Checkpoint: checkpoint.py's one format, kind "classifier" ---------------------------------------------------------
-
 def save_classifier(path, model: ResNet, recipe: TrainRecipe | None = None, extra: dict | None = None):
     config = {"classifier": asdict(model.cfg), "recipe": asdict(recipe) if recipe is not None else None,
               **(extra or {})}
@@ -261,9 +256,7 @@ def load_classifier(path, device="cpu"):
             f"--train DIR --out {path}) or convert it: in its config.json, replace \"format\": \"{OLD_FORMAT}\" by "
             '"format": "clue-pytorch", "kind": "classifier" (nothing else changed)') from None
     where = os.path.join(path, "config.json")
-    if not isinstance(config.get("classifier"), dict):
-        raise CheckpointError(f"{where}: no 'classifier' section; not a classifier from eval.py")
-    cfg = config_from_dict(ClassifierConfig, config["classifier"], f"{where} [classifier]")
+    cfg = config_from_dict(ClassifierConfig, config.get("classifier"), f"{where} [classifier]")
     model = ResNet(cfg)
     load_mapped(model, [(k, k, t) for k, t in tensors.items()], [], "classifier",
                 os.path.join(path, "model.safetensors"))
@@ -271,7 +264,6 @@ def load_classifier(path, device="cpu"):
 
 
 # -- The downstream-utility protocol: real / synthetic at several scales / real + synthetic ----------------------------
-
 def load_labelled(folder, image_size, class_names=None, progress=True):
     """A class folder (data.ClassFolderDataset rules) -> (uint8 images (N,3,S,S), labels (N,), class names). With
     `class_names` (the training set's), labels follow that list; an unknown class is an error, a missing one not."""
@@ -323,9 +315,8 @@ def run_classify(p: Protocol, cfg: ClassifierConfig | None = None, recipe: Train
     synth_x, synth_y, _ = load_labelled(p.synthetic, cfg.image_size, names, progress)
     arms = [("real", None)] + [("synthetic", s) for s in p.scales] + ([("real+synthetic", 100)] if p.combined else [])
     check_enough_synthetic(real_y, synth_y, names, max(s for _, s in arms[1:]) if len(arms) > 1 else 0)
-    tests = {"test": load_labelled(p.test, cfg.image_size, names, progress)}
-    if p.external:
-        tests["external"] = load_labelled(p.external, cfg.image_size, names, progress)
+    tests = {name: load_labelled(folder, cfg.image_size, names, progress)  # the real test set(s)
+             for name, folder in (("test", p.test), ("external", p.external)) if folder}
     cfg = replace(cfg, num_classes=len(names), class_names=names)
     runs = {arm: [] for arm in arms}
     for s in range(p.seed, p.seed + p.seeds):
@@ -340,10 +331,8 @@ def run_classify(p: Protocol, cfg: ClassifierConfig | None = None, recipe: Train
             x, y = torch.cat(x), np.concatenate(y)
             model = train_classifier(x, y, cfg, recipe, seed=s, device=device, progress=progress,
                                      desc=f"seed {s}: {kind}" + (f" {scale}%" if scale else ""))
-            result = {"seed": s, "n_images": int(len(x))}
-            for name, (tx, ty, _) in tests.items():
-                result[name] = evaluate(model, tx, ty, len(names), device)
-            runs[(kind, scale)].append(result)
+            runs[(kind, scale)].append({"seed": s, "n_images": int(len(x)), **{
+                name: evaluate(model, tx, ty, len(names), device) for name, (tx, ty, _) in tests.items()}})
             if save_dir and kind == "real" and s == p.seed:  # the real-data classifier doubles as a feature net
                 save_classifier(os.path.join(save_dir, "classifier_real"), model, recipe,
                                 {"trained_on": os.path.abspath(str(p.train)), "seed": s})
