@@ -1,21 +1,12 @@
-"""What makes a training run resumable and reproducible: the state a checkpoint holds and the code that writes
-and restores it. Used by train.py (phase 2) and train_vae.py (phase 1 of --preset tiny).
+"""What makes a training run resumable and reproducible, and phase 1 of --preset tiny (the tiny VAE).
 
-A checkpoint is a folder `checkpoints/step_NNNNNN/` written under a temporary name and renamed into place
-(write_folder_atomically: a crash leaves the previous checkpoints intact): `config.json` + `model.safetensors`
-(CLUE.save: the EMA weights, loadable by sample.py) and `training_state.safetensors` + `training_state.json`
-(raw weights, AdamW moments flattened to one tensor per parameter and moment, EMA, LR-schedule and GradScaler
-state, the torch / numpy / python RNG states of every rank, the data-loader position). No pickle anywhere.
-load_training_state restores all of it, so on CPU N + N steps give bit-identical weights to 2N uninterrupted
-steps; rng_preserved lets samples and diagnostics run in between without moving the training random streams.
-
-Here, in order: the processes of a torchrun launch (rank, world size, barrier, all-reduce); the learning-rate
-schedule (linear warm-up, then cosine, Loshchilov & Hutter 2017, or constant) and the EMA of the weights; the RNG
-states; the data position (ResumableSampler, BatchStream); checkpoint folders and their rotation; AdamW state
-<-> named tensors; save_checkpoint / load_training_state; a parameter checksum (DDP replicas must agree).
-
-Left out: data-loader worker RNG restoration (with --num-workers > 0 the order of images still resumes exactly,
-random crops/flips do not).
+A checkpoint `checkpoints/step_NNNNNN/` is filled under a temporary name, then renamed (a crash leaves the older
+ones intact). It holds the EMA model (save_clue: what sample.py loads) and, in checkpoint.py's one format (kind
+"training_state"), the raw weights, AdamW moments, EMA, LR schedule, GradScaler, every rank's torch / numpy / python
+RNG states and the data position: N + N steps on CPU are bit-identical to 2N steps. Here: the torchrun processes;
+the LR schedule (warm-up, then cosine, Loshchilov & Hutter 2017, or constant) and the EMA; RNG states; the data
+position; TrainingState, its checkpoints and its divergence checks; the logs and loss_curve.png; the tiny VAE.
+Left out: data-loader worker RNG (with --num-workers > 0 the image order resumes exactly, crops/flips do not).
 """
 from __future__ import annotations
 
@@ -25,9 +16,11 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
-from dataclasses import asdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +28,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from checkpoint import atomic_write_json, atomic_write_safetensors, config_from_dict, read_checkpoint_dir, save_clue
+from checkpoint import (CheckpointError, config_from_dict, load_clue, load_mapped, read_checkpoint, save_clue,
+                        write_checkpoint)
+from cli import UsageError
+from clue import CLUE
 from data import make_grid
 from vae import VAE, VAEConfig
+
+STATE_FILES = {"json_name": "training_state.json", "tensors_name": "training_state.safetensors"}
 
 
 # ------------------------------------------------------------------------------------ processes (torchrun)
@@ -67,6 +64,17 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+class Objective(nn.Module):
+    """DDP synchronises the gradients of what runs through forward(): a model's loss function, as a module."""
+
+    def __init__(self, model: nn.Module, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, *inputs):
+        return self.loss(self.model, *inputs)
 
 
 # ------------------------------------------------------------------------------------ schedules, EMA
@@ -111,7 +119,7 @@ class EMA:
                     p.copy_(backup[n])
 
 
-# ------------------------------------------------------------------------------------ RNG state
+# ------------------------------------------------------------------------------------ RNG state, data position
 def get_rng_state(device) -> tuple[dict, dict]:
     """(tensors, json) of the torch (+CUDA), numpy and python generators of this process."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
@@ -149,18 +157,10 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-# ------------------------------------------------------------------------------------ data position
 class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (a permutation seeded by seed + epoch, every rank its own shard) that can
-    start part-way into an epoch: the resumed run sees exactly the images the interrupted one would have."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_position(self, epoch: int, skip: int):
-        self.set_epoch(epoch)
-        self.skip = skip
+    """torch's DistributedSampler (a permutation seeded by seed + epoch, every rank its own shard) that starts
+    `skip` images into the epoch: a resumed run sees exactly the images the interrupted one would have."""
+    skip = 0
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.skip:])
@@ -173,18 +173,19 @@ class BatchStream:
     """Endless batches over epochs; (epoch, batches taken in this epoch) is the position a checkpoint stores."""
 
     def __init__(self, dataset, batch_size, rank, world, seed, num_workers):
-        self.sampler = ResumableSampler(dataset, world, rank, seed)
+        self.sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
         self.batch_size, self.epoch, self.taken, self.it = batch_size, 0, 0, None
         if len(self.sampler) // batch_size == 0:
-            raise SystemExit(f"train.py: {len(dataset)} images give no full batch of {batch_size} per process "
-                             f"({world} process(es)); lower --batch-size")
+            raise UsageError(f"{len(dataset)} images give no full batch of {batch_size} per process ({world} "
+                             "process(es)); lower --batch-size (or --vae-batch-size)")
 
     def __next__(self):
         while True:
             if self.it is None:
-                self.sampler.set_position(self.epoch, self.taken * self.batch_size)
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.skip = self.taken * self.batch_size
                 self.it = iter(self.loader)
             try:
                 batch = next(self.it)
@@ -194,14 +195,50 @@ class BatchStream:
                 self.epoch, self.taken, self.it = self.epoch + 1, 0, None
 
 
-# ------------------------------------------------------------------------------------ checkpoint folders
+# ------------------------------------------------------------------------------------ the training state
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores besides the model's config, and the process that holds it."""
+    clue: CLUE
+    trainable: dict[str, nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    stream: BatchStream
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def ema_applied(self):
+        return self.ema.applied(self.trainable) if self.ema else nullcontext()
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradients or the weights became NaN or inf: training stops, nothing of that state is written."""
+
+
+def diverged(step: int, what: str, output: Path) -> TrainingDiverged:
+    last = list_checkpoints(output)
+    return TrainingDiverged(f"step {step}: {what}. Training stopped; nothing was written for this state. Last good "
+                            f"checkpoint: {last[-1] if last else 'none'}. Try a lower --lr, --max-grad-norm 1, "
+                            "fp32/bf16 instead of fp16, or check the data.")
+
+
+def check_weights(state: TrainingState, step: int, output: Path):
+    """Every trained tensor finite (one device sync): checked before anything is logged, sampled or saved."""
+    if not torch.stack([p.isfinite().all() for p in state.trainable.values()]).all():
+        bad = [n for n, p in state.trainable.items() if not p.isfinite().all()]
+        raise diverged(step, f"the update made {len(bad)} weight tensors non-finite (first: {bad[0]}) while the "
+                       "loss was finite", output)
+
+
 def write_folder_atomically(final: Path, fill) -> None:
     """fill(tmp) writes a whole folder under a temporary name; it is then renamed to `final` (atomic)."""
-    tmp = final.parent / f".tmp-{final.name}"
+    tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".old-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fill(tmp)
-    old = final.parent / f".old-{final.name}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -209,9 +246,9 @@ def write_folder_atomically(final: Path, fill) -> None:
 
 
 def list_checkpoints(output: Path) -> list[Path]:
-    found = [d for d in (output / "checkpoints").glob("step_*")
-             if d.name[5:].isdigit() and (d / "training_state.json").is_file()]
-    return sorted(found, key=lambda d: int(d.name[5:]))
+    """The step_NNNNNN folders of a run, oldest first (one being written has a hidden temporary name)."""
+    return sorted((d for d in (output / "checkpoints").glob("step_*") if d.name[5:].isdigit()),
+                  key=lambda d: int(d.name[5:]))
 
 
 def flatten_optimizer(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
@@ -232,74 +269,89 @@ def unflatten_optimizer(opt, names: list[str], tensors: dict, meta: dict):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-# ------------------------------------------------------------------------------------ training state
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf: training stops, nothing of that state is written."""
-
-
-def save_checkpoint(path: Path, clue, trainable, opt, sched, scaler, ema, stream, step, args, info, rank, world,
-                    device):
-    """Collective (every rank hands over its RNG state); rank 0 writes the folder atomically."""
-    states = [get_rng_state(device)]
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, get_rng_state(device))
-    if rank != 0:
+def save_checkpoint(path: Path, state: TrainingState, step: int, args, info: dict):
+    """Collective (every rank hands over its RNG state); rank 0 writes the folder atomically, then deletes all but
+    the newest --checkpoints-total-limit."""
+    rngs = [get_rng_state(state.device)]
+    if state.world > 1:
+        rngs = [None] * state.world
+        dist.all_gather_object(rngs, get_rng_state(state.device))
+    if state.rank != 0:
         return
 
     def fill(tmp: Path):
-        with ema.applied(trainable) if ema else nullcontext():
-            save_clue(clue, tmp, extra=info)  # config.json + model.safetensors: what sample.py loads
-        tensors = {f"param.{n}": p for n, p in trainable.items()}
-        opt_tensors, opt_meta = flatten_optimizer(opt, list(trainable))
+        with state.ema_applied():
+            save_clue(state.clue, tmp, extra=info)  # config.json + model.safetensors: what sample.py loads
+        tensors = {f"param.{n}": p for n, p in state.trainable.items()}
+        opt_tensors, opt_meta = flatten_optimizer(state.opt, list(state.trainable))
         tensors.update(opt_tensors)
-        tensors.update({f"ema.{n}": t for n, t in ema.shadow.items()} if ema else {})
-        for r, (rng_tensors, _) in enumerate(states):
+        tensors.update({f"ema.{n}": t for n, t in state.ema.shadow.items()} if state.ema else {})
+        for r, (rng_tensors, _) in enumerate(rngs):
             tensors.update({f"rng.{r}.{k}": v.cpu() for k, v in rng_tensors.items()})
-        atomic_write_safetensors(tmp / "training_state.safetensors", tensors)
-        atomic_write_json(tmp / "training_state.json", {  # written last: marks a complete checkpoint
-            "step": step, "world_size": world, "optimizer": opt_meta, "lr_schedule": sched.state_dict(),
-            "grad_scaler": scaler.state_dict() or None, "ema_updates": ema.updates if ema else None,
+        stream = state.stream
+        write_checkpoint(tmp, "training_state", {
+            "step": step, "world_size": state.world, "optimizer": opt_meta, "lr_schedule": state.sched.state_dict(),
+            "grad_scaler": state.scaler.state_dict() or None, "ema_updates": state.ema.updates if state.ema else None,
             "data_position": {"epoch": stream.epoch, "batches_taken": stream.taken, "batch_size": args.batch_size},
-            "rng": [meta for _, meta in states], "diagnostics": clue.last_diagnostics, "args": vars(args)})
+            "rng": [meta for _, meta in rngs], "diagnostics": state.clue.last_diagnostics, "args": vars(args)},
+            tensors, **STATE_FILES)
     write_folder_atomically(path, fill)
-    for old in list_checkpoints(path.parent.parent)[:-args.checkpoints_total_limit or None]:
+    for old in list_checkpoints(path.parent.parent)[:-args.checkpoints_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_state(ckpt: Path, trainable, opt, sched, scaler, ema, stream, args, rank, world, device) -> int:
-    """Restore everything save_checkpoint wrote (the model itself came from load_clue); returns the step."""
-    meta = json.loads((ckpt / "training_state.json").read_text())
-    tensors = load_file(str(ckpt / "training_state.safetensors"))
-    missing = [n for n in trainable if f"param.{n}" not in tensors]
+def find_checkpoint(resume: str, output: Path, rank: int) -> tuple[Path, CLUE, dict, dict] | None:
+    """--resume PATH, or 'latest': the newest intact checkpoint in output/checkpoints (None: there is none) ->
+    (folder, EMA model, state config, state tensors). A broken one (a file missing, truncated or corrupt) gets a
+    warning line, and the one before it is tried."""
+    candidates, problems = list_checkpoints(output) if resume == "latest" else [Path(resume)], []
+    for folder in reversed(candidates):
+        try:
+            config, tensors = read_checkpoint(folder, "training_state", **STATE_FILES)
+            return folder, load_clue(folder), config, tensors
+        except (CheckpointError, FileNotFoundError) as e:
+            problems.append(f"{folder}: {e}")
+            if rank == 0 and folder != candidates[0]:
+                print(f"warning: --resume {resume}: {folder} is broken ({e}); trying the one before", file=sys.stderr)
+    if problems:
+        raise UsageError(f"--resume {resume}: no intact checkpoint; " + "; ".join(problems))
+    if rank == 0:
+        print(f"--resume latest: no checkpoint in {output / 'checkpoints'}, starting a new run")
+    return None
+
+
+def restore(state: TrainingState, ckpt: Path, meta: dict, tensors: dict, args) -> int:
+    """Put back what save_checkpoint wrote (the model itself came from load_clue); returns the step."""
+    missing = [n for n in state.trainable if f"param.{n}" not in tensors]
     if missing:
-        raise SystemExit(f"train.py: {ckpt} holds no training state for {len(missing)} trainable parameters "
+        raise UsageError(f"--resume: {ckpt} holds no training state for {len(missing)} trainable parameters "
                          f"({missing[:3]}...): resume with the flags it was trained with (--freeze-unet, "
                          "--train-text-encoder, --style-tokens)")
     with torch.no_grad():
-        for n, p in trainable.items():
+        for n, p in state.trainable.items():
             p.copy_(tensors[f"param.{n}"])
-    unflatten_optimizer(opt, list(trainable), tensors, meta["optimizer"])
-    sched.load_state_dict(meta["lr_schedule"])
+    unflatten_optimizer(state.opt, list(state.trainable), tensors, meta["optimizer"])
+    state.sched.load_state_dict(meta["lr_schedule"])
     if meta["grad_scaler"]:
-        scaler.load_state_dict(meta["grad_scaler"])
-    if ema is not None and meta["ema_updates"] is not None:
-        ema.shadow = {n: tensors[f"ema.{n}"].to(device) for n in trainable}
-        ema.updates = meta["ema_updates"]
-    stream.epoch, stream.taken = meta["data_position"]["epoch"], meta["data_position"]["batches_taken"]
+        state.scaler.load_state_dict(meta["grad_scaler"])
+    if state.ema is not None and meta["ema_updates"] is not None:
+        state.ema.shadow = {n: tensors[f"ema.{n}"].to(state.device) for n in state.trainable}
+        state.ema.updates = meta["ema_updates"]
+    state.stream.epoch, state.stream.taken = meta["data_position"]["epoch"], meta["data_position"]["batches_taken"]
     changed = {k: (v, getattr(args, k, None)) for k, v in meta["args"].items()
                if k not in ("resume", "steps", "output", "checkpoint_every", "sample_every", "log_every",
                             "checkpoints_total_limit", "dump_param_checksum") and getattr(args, k, None) != v}
-    if changed and rank == 0:
-        print(f"warning: resuming with other settings than {ckpt} was trained with (saved, now): {changed}")
-    if meta["world_size"] == world:
-        set_rng_state({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{rank}.")},
-                      meta["rng"][rank], device)
+    if changed and state.rank == 0:
+        print(f"warning: resuming with other settings than {ckpt} was trained with (saved, now): {changed}",
+              file=sys.stderr)
+    if meta["world_size"] == state.world:
+        set_rng_state({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{state.rank}.")},
+                      meta["rng"][state.rank], state.device)
     else:
-        if rank == 0:
-            print(f"warning: {ckpt} was written by {meta['world_size']} processes, this run has {world}: "
-                  "data order and noise draws differ from an uninterrupted run")
-        seed_everything(args.seed + rank + meta["step"])
+        if state.rank == 0:
+            print(f"warning: {ckpt} was written by {meta['world_size']} processes, this run has {state.world}: "
+                  "data order and noise draws differ from an uninterrupted run", file=sys.stderr)
+        seed_everything(args.seed + state.rank + meta["step"])
     return meta["step"]
 
 
@@ -318,13 +370,18 @@ def append_jsonl(path: Path, record: dict):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """The records of a .jsonl log; a line cut short by a crash is left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def plot_curves(output: Path):
     """loss_curve.png: VAE reconstruction (phase 1), diffusion loss, KL per style dimension and (with
     --mmd-weight) the MMD of the batch styles to N(0, I), against the step."""
-    import matplotlib
+    import matplotlib  # an optional heavy dependency: imported only when a plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     vae, log = read_jsonl(output / "vae_log.jsonl"), [r for r in read_jsonl(output / "log.jsonl") if "mse" in r]
@@ -347,36 +404,29 @@ def plot_curves(output: Path):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = output / ".loss_curve.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(output / ".loss_curve.tmp.png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, output / "loss_curve.png")
+    os.replace(output / ".loss_curve.tmp.png", output / "loss_curve.png")
 
 
 # ------------------------------------------------------------------------------------ phase 1: the tiny VAE
-class VAEObjective(nn.Module):
+def vae_loss(vae: VAE, x: torch.Tensor, kl_weight: float):
     """Phase 1 loss, means per element: |x - D(z)| + (x - D(z))^2 + kl_weight * KL(q(z|x) || N(0, I)),
     z ~ q(z|x): the LDM autoencoder objective (Rombach et al. 2022, Sec. 3.1) without LPIPS and GAN terms."""
-
-    def __init__(self, vae, kl_weight: float):
-        super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
-
-    def forward(self, x):
-        posterior = self.vae.encode(x)
-        error = self.vae.decode(posterior.sample()) - x
-        l1, l2 = error.abs().mean(), error.pow(2).mean()
-        kl = posterior.kl().mean() / posterior.mean[0].numel()  # (B,) sums -> nats per latent element
-        return l1 + l2 + self.kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+    posterior = vae.encode(x)
+    error = vae.decode(posterior.sample()) - x
+    l1, l2 = error.abs().mean(), error.pow(2).mean()
+    kl = posterior.kl().mean() / posterior.mean[0].numel()  # (B,) sums -> nats per latent element
+    return l1 + l2 + kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
 
 
-def train_vae(args, dataset, rank, world, device, output: Path):
-    """Train the tiny VAE, set scale_factor = 1/std(latents), save it to output/vae; returns the VAE."""
+def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
+    """Train the tiny VAE, set scale_factor = 1/std(latents), save it to output/vae (kind "vae")."""
     seed_everything(args.seed)
     vae = VAE(VAEConfig.tiny()).to(device)
     seed_everything(args.seed + rank)
-    objective = VAEObjective(vae, args.vae_kl_weight)
-    net = DDP(objective) if world > 1 else objective
+    net = Objective(vae, partial(vae_loss, kl_weight=args.vae_kl_weight))
+    net = DDP(net) if world > 1 else net
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     warmup = max(1, min(50, args.vae_steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, args.vae_steps, "cosine", 0.05))
@@ -404,15 +454,14 @@ def train_vae(args, dataset, rank, world, device, output: Path):
         vae.cfg.scale_factor = float(1.0 / z.float().std())
         recon = torch.cat([vae(images[i:i + 64]) for i in range(0, len(images), 64)])
         l1 = (recon - images).abs().mean().item()
+    if not (math.isfinite(vae.cfg.scale_factor) and math.isfinite(l1)):  # an update made weights non-finite
+        raise TrainingDiverged(f"VAE: latents or reconstructions NaN/inf after {args.vae_steps} steps; lower --vae-lr")
     if rank == 0:
         info = {"steps": args.vae_steps, "seconds": round(time.time() - t0, 1), "recon_l1": l1,
                 "scale_factor": vae.cfg.scale_factor}
-
-        def fill(tmp):
-            atomic_write_safetensors(tmp / "model.safetensors", {f"vae.{k}": v for k, v in vae.state_dict().items()})
-            atomic_write_json(tmp / "config.json", {"format": "clue-pytorch", "version": 1, "vae": asdict(vae.cfg),
-                                                    "scale_factor": vae.cfg.scale_factor, "train": info})
-        write_folder_atomically(output / "vae", fill)
+        write_folder_atomically(output / "vae", lambda tmp: write_checkpoint(
+            tmp, "vae", {"vae": asdict(vae.cfg), "scale_factor": vae.cfg.scale_factor, "train": info},
+            {f"vae.{k}": v for k, v in vae.state_dict().items()}))
         pairs = torch.cat([images[::32][:16], recon[::32][:16]]).clamp(-1, 1) / 2 + 0.5
         make_grid(pairs.cpu(), 16).save(output / "vae_recon.png")  # top: data, bottom: reconstructions
         print(f"phase 1: VAE trained in {info['seconds']} s, held-in L1 {l1:.4f}, scale_factor "
@@ -421,12 +470,12 @@ def train_vae(args, dataset, rank, world, device, output: Path):
     return vae
 
 
-def load_vae(path):
-    """The VAE of a folder in our format (train.py's vae/, a CLUE checkpoint or a converted SD folder)."""
-    config, tensors = read_checkpoint_dir(path)
-    if "vae" not in config:
-        raise SystemExit(f"train.py: --vae {path}: config.json has no 'vae' entry")
-    vae = VAE(config_from_dict(VAEConfig, config["vae"], "vae"))
-    vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+def load_vae(path) -> VAE:
+    """--vae: the VAE of any folder of ours (phase 1's vae/, a CLUE checkpoint, a converted SD folder)."""
+    config, tensors = read_checkpoint(path)
+    if not isinstance(config.get("vae"), dict):
+        raise CheckpointError(f"--vae {path}: holds no VAE (no 'vae' section); give the vae/ folder of a tiny run")
+    vae = VAE(config_from_dict(VAEConfig, config["vae"], f"--vae {path}"))
+    load_mapped(vae, [(k, k[4:], v) for k, v in tensors.items() if k.startswith("vae.")], [], "VAE (vae.*)", path)
     vae.cfg.scale_factor = float(config.get("scale_factor", vae.cfg.scale_factor))
     return vae

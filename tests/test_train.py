@@ -8,6 +8,7 @@ test_train_ddp.py), which import the helpers below.
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +45,8 @@ def make_class_folders(root, per_class=8, size=(40, 36), seed=0):
 
 
 def make_vae_folder(path, seed=0):
-    """An (untrained) tiny VAE in the folder format train.py's phase 1 writes and --vae reads."""
+    """An (untrained) tiny VAE in the folder format the previous train.py's phase 1 wrote (no "kind" yet), which
+    --vae still reads."""
     from dataclasses import asdict
 
     from checkpoint import atomic_write_json, atomic_write_safetensors
@@ -68,6 +70,15 @@ def tiny_args(data, out, vae=None, *extra):
     if vae is not None:
         args += ["--vae", str(vae)]
     return args + [str(a) for a in extra]
+
+
+def run_cli(argv, capsys):
+    """train.command_line, what `python train.py ...` runs -> (exit code, stderr); never a traceback."""
+    with pytest.raises(SystemExit) as e:
+        train.command_line([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return e.value.code, err
 
 
 def read_log(out):
@@ -255,19 +266,19 @@ def test_nan_loss_stops_with_a_clear_message_and_writes_nothing(data_dir, vae_di
         return (loss * math.nan if step == 3 else loss), logs
     monkeypatch.setattr(clue.CLUE, "loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(train.TrainingDiverged, match=r"step 3: the loss is nan.*step_000002"):
+    with pytest.raises(training_state.TrainingDiverged, match=r"step 3: the loss is nan.*step_000002"):
         train.main(tiny_args(data_dir, out, vae_dir, "--steps", "6", "--checkpoint-every", "2"))
-    assert [p.name for p in train.list_checkpoints(out)] == ["step_000002"]
+    assert [p.name for p in training_state.list_checkpoints(out)] == ["step_000002"]
     assert not (out / "final").exists() and not (out / "summary.json").exists()
 
 
-def test_empty_class_folder_is_a_clear_error(data_dir, vae_dir, tmp_path):
+def test_empty_class_folder_is_a_clear_error(data_dir, vae_dir, tmp_path, capsys):
     import shutil
     bad = tmp_path / "bad"
     shutil.copytree(data_dir, bad)
     (bad / "empty_class").mkdir()
-    with pytest.raises(SystemExit, match=r"empty_class contains no readable images"):
-        train.main(tiny_args(bad, tmp_path / "out", vae_dir, "--steps", "1"))
+    code, err = run_cli(tiny_args(bad, tmp_path / "out", vae_dir, "--steps", "1"), capsys)
+    assert code == 2 and "--data" in err and "empty_class contains no readable images" in err
 
 
 def test_corrupt_image_is_skipped_with_a_warning(data_dir, vae_dir, tmp_path, capsys, caplog):
@@ -279,3 +290,70 @@ def test_corrupt_image_is_skipped_with_a_warning(data_dir, vae_dir, tmp_path, ca
     out = capsys.readouterr().out
     assert "data: 24 images" in out and "1 unreadable files skipped" in out
     assert "broken.png" in caplog.text  # data.py's one warning line per skipped file
+
+
+# ------------------------------------------------------------------------------------ bad input (issue 12)
+@pytest.mark.parametrize("flag, value", [
+    ("--checkpoints-total-limit", "0"), ("--checkpoints-total-limit", "-1"), ("--log-every", "0"), ("--steps", "1.5"),
+    ("--batch-size", "0"), ("--lr", "nan"), ("--lr", "-1e-3"), ("--text-dropout", "1.5"), ("--ema-decay", "-0.1"),
+    ("--max-grad-norm", "inf"), ("--grid-taus", "0,x"), ("--unet-channels", "32,0"), ("--vae-steps", "-5"),
+    ("--seed", "x")])
+def test_bad_numbers_are_refused_when_parsed(flag, value, tmp_path, capsys):
+    """--checkpoints-total-limit 0 used to delete every checkpoint; now no number is used unchecked."""
+    code, err = run_cli(["--data", "digits", "--preset", "tiny", "--output", tmp_path / "o", flag, value], capsys)
+    assert code == 2 and f"error: argument {flag}:" in err and not (tmp_path / "o").exists()
+
+
+def test_bad_number_from_the_command_line_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "train.py", "--data", "digits", "--preset", "tiny", "--output",
+                           str(tmp_path / "o"), "--checkpoints-total-limit", "0"],
+                          cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --checkpoints-total-limit: '0': must be a positive integer" in proc.stderr
+
+
+def test_mixed_precision_on_cpu_is_one_line(tmp_path, capsys):
+    code, err = run_cli(tiny_args("digits", tmp_path / "o", None, "--mixed-precision", "bf16"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "--mixed-precision bf16" in err
+
+
+def test_missing_data_folder_and_bad_vae_folder_are_one_line(data_dir, tmp_path, capsys):
+    code, err = run_cli(tiny_args(tmp_path / "nowhere", tmp_path / "o", None), capsys)
+    assert code == 2 and "--data" in err and "nowhere" in err
+    (tmp_path / "notvae").mkdir()
+    code, err = run_cli(tiny_args(data_dir, tmp_path / "o", tmp_path / "notvae"), capsys)
+    assert code == 2 and "notvae" in err and "config.json" in err
+
+
+@pytest.mark.parametrize("where", ["weights", "gradients"])
+def test_non_finite_update_with_a_finite_loss_stops_clearly(where, data_dir, vae_dir, tmp_path, monkeypatch, capsys):
+    """An update that puts inf into a weight (or a gradient norm that is inf) while the loss is still finite: the
+    divergence message (it used to crash in the diagnostics' eigh), exit code 1, no final model."""
+    calls = {"n": 0}
+    if where == "weights":
+        adamw_step = torch.optim.AdamW.step
+
+        def poisoned(self, *a, **kw):
+            out = adamw_step(self, *a, **kw)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+            return out
+        monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    else:
+        clip = torch.nn.utils.clip_grad_norm_
+
+        def poisoned(params, max_norm, *a, **kw):
+            calls["n"] += 1
+            return clip(params, max_norm, *a, **kw) * (math.inf if calls["n"] == 2 else 1.0)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    out = tmp_path / "run"
+    code, err = run_cli(tiny_args(data_dir, out, vae_dir, "--steps", "4", "--checkpoint-every", "1",
+                                  "--log-every", "10"), capsys)
+    assert calls["n"] >= 2 and code == 1 and "training diverged" in err and "step_000001" in err
+    assert ("weight tensors non-finite" if where == "weights" else "gradient norm is inf") in err
+    assert [p.name for p in training_state.list_checkpoints(out)] == ["step_000001"]
+    assert not (out / "final").exists() and not (out / "summary.json").exists()

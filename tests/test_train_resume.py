@@ -1,11 +1,17 @@
 """train.py --resume: N + N steps are bit-identical to 2N uninterrupted steps on CPU; checkpoints are written
-atomically (a crash while writing leaves no half checkpoint) and rotated (--checkpoints-total-limit)."""
+atomically (a crash while writing leaves no half checkpoint) and rotated (--checkpoints-total-limit); a corrupt
+newest checkpoint is reported and skipped; checkpoints written before "kind" existed still resume."""
+import json
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
-from test_train import data_dir, make_class_folders, make_vae_folder, one_thread, tiny_args, vae_dir  # noqa: F401
+import training_state
+from test_train import data_dir, make_class_folders, one_thread, run_cli, tiny_args, vae_dir  # noqa: F401
 
 
 def state(out, step):
@@ -42,9 +48,8 @@ def test_resume_is_bit_exact(data_dir, vae_dir, tmp_path):
 def test_resume_latest_after_a_crash_while_writing(data_dir, vae_dir, tmp_path, monkeypatch):
     """A crash inside checkpoint writing leaves only a hidden temporary folder; --resume latest takes the
     previous complete checkpoint, cleans the leftover, and finishes the run like an uninterrupted one."""
-    import training_state
     out = tmp_path / "run"
-    real, calls = training_state.atomic_write_json, {"n": 0}
+    real, calls = checkpoint.atomic_write_json, {"n": 0}
 
     def crash_on_second_state(path, obj):
         if path.name == "training_state.json":
@@ -52,15 +57,15 @@ def test_resume_latest_after_a_crash_while_writing(data_dir, vae_dir, tmp_path, 
             if calls["n"] == 2:
                 raise KeyboardInterrupt("simulated crash while writing the step-4 checkpoint")
         return real(path, obj)
-    # the name save_checkpoint calls: training_state.py imports it from checkpoint.py
-    monkeypatch.setattr(training_state, "atomic_write_json", crash_on_second_state)
+    # the name write_checkpoint (checkpoint.py) calls for training_state.json
+    monkeypatch.setattr(checkpoint, "atomic_write_json", crash_on_second_state)
     args = tiny_args(data_dir, out, vae_dir, "--steps", "6", "--checkpoint-every", "2")
     with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         train.main(args)
     assert calls["n"] == 2  # the patch took effect: step 2 written, step 4 interrupted
-    monkeypatch.setattr(training_state, "atomic_write_json", real)
+    monkeypatch.setattr(checkpoint, "atomic_write_json", real)
     ckpts = out / "checkpoints"
-    assert [p.name for p in train.list_checkpoints(out)] == ["step_000002"]
+    assert [p.name for p in training_state.list_checkpoints(out)] == ["step_000002"]
     assert not (ckpts / "step_000004").exists() and (ckpts / ".tmp-step_000004").exists()
     train.main(args + ["--resume"])  # bare --resume means latest
     assert not (ckpts / ".tmp-step_000004").exists()
@@ -76,3 +81,60 @@ def test_checkpoints_are_rotated(data_dir, vae_dir, tmp_path):
     for p in (out / "checkpoints").iterdir():
         assert {f.name for f in p.iterdir()} == {"config.json", "model.safetensors", "training_state.json",
                                                  "training_state.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def four_steps(data_dir, vae_dir, tmp_path_factory):
+    """A run of 4 steps with checkpoints at 2 and 4."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    train.main(tiny_args(data_dir, out, vae_dir, "--steps", "4", "--checkpoint-every", "2"))
+    return out
+
+
+def truncate(f):
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+
+
+CORRUPTIONS = {"training_state.safetensors": truncate, "model.safetensors": truncate,
+               "training_state.json": lambda f: f.write_text('{"format": "clue-pytorch", "step": '),
+               "config.json": lambda f: f.write_text("{not json")}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_resume_latest_skips_a_corrupt_newest_checkpoint(name, four_steps, data_dir, vae_dir, tmp_path, capsys):
+    """A corrupt (not half-written) newest checkpoint: a warning naming it and the file, then the one before it
+    resumes, and the run ends bit-identical to the uninterrupted one."""
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    CORRUPTIONS[name](out / "checkpoints" / "step_000004" / name)
+    train.main(tiny_args(data_dir, out, vae_dir, "--steps", "4", "--checkpoint-every", "2", "--resume"))
+    captured = capsys.readouterr()
+    assert "step_000004 is broken" in captured.err and name in captured.err and "Traceback" not in captured.err
+    assert "resumed from" in captured.out and "step_000002 at step 2" in captured.out
+    assert_bit_identical(state(four_steps, 4), state(out, 4), f"resumed past a corrupt {name}")
+
+
+def test_resume_with_no_intact_checkpoint_stops_with_one_line(four_steps, data_dir, vae_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    truncate(out / "checkpoints" / "step_000002" / "training_state.safetensors")
+    CORRUPTIONS["training_state.json"](out / "checkpoints" / "step_000004" / "training_state.json")
+    code, err = run_cli(tiny_args(data_dir, out, vae_dir, "--steps", "4", "--resume", "latest"), capsys)
+    assert code == 2 and "train.py: error: --resume latest: no intact checkpoint" in err
+    assert "step_000002" in err and "step_000004" in err and "training_state.safetensors" in err
+    code, err = run_cli(tiny_args(data_dir, out, vae_dir, "--resume", tmp_path), capsys)  # not a checkpoint at all
+    assert code == 2 and f"--resume {tmp_path}" in err and "training_state.json" in err
+
+
+def test_checkpoints_written_before_kind_still_resume(four_steps, data_dir, vae_dir, tmp_path):
+    """The previous train.py wrote training_state.json without "format" / "version" / "kind" and config.json
+    without "kind": such a checkpoint resumes bit-exactly."""
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    for step in (2, 4):
+        for name, keys in (("training_state.json", ("format", "version", "kind")), ("config.json", ("kind",))):
+            f = out / "checkpoints" / f"step_{step:06d}" / name
+            f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k not in keys}))
+    shutil.rmtree(out / "checkpoints" / "step_000004")
+    train.main(tiny_args(data_dir, out, vae_dir, "--steps", "4", "--checkpoint-every", "2", "--resume"))
+    assert_bit_identical(state(four_steps, 4), state(out, 4), "resumed from a checkpoint without kind")
