@@ -131,11 +131,9 @@ class CLUE(nn.Module):
         if cfg.prediction_type != schedule.prediction_type:
             raise ValueError(f"CLUEConfig.prediction_type={cfg.prediction_type!r} but the schedule predicts "
                              f"{schedule.prediction_type!r}: make them agree")
-        if style_encoder is not None and not unet.cfg.style:
-            raise ValueError("a style encoder needs a U-Net built with UNetConfig(style=True)")
-        if style_encoder is None and unet.cfg.style:
-            raise ValueError("no style encoder but the U-Net has style layers: build it with UNetConfig(style=False) "
-                             "(the vanilla baseline has no style parameters); CLUE.from_stable_diffusion does this")
+        if (style_encoder is not None) != unet.cfg.style:  # the vanilla baseline has no style parameters at all
+            raise ValueError(f"a U-Net with UNetConfig(style={unet.cfg.style}) and {'a' if style_encoder else 'no'} "
+                             "style encoder: build both or neither (CLUE.from_stable_diffusion does this)")
         self.vae, self.text_encoder, self.unet, self.style_encoder = vae, text_encoder, unet, style_encoder
         self.schedule, self.cfg = schedule, cfg
         self.sampler_config = dict(sampler_config or SD_SAMPLER)  # DDIM steps_offset, set_alpha_to_one
@@ -148,7 +146,6 @@ class CLUE(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    # ---------------------------------------------------------------- construction
     @classmethod
     def from_stable_diffusion(cls, sd, style_cfg: StyleConfig | None = None, clue_cfg: CLUEConfig | None = None):
         """CLUE on top of converted SD weights (convert.load_stable_diffusion). The U-Net is rebuilt with or
@@ -182,9 +179,8 @@ class CLUE(nn.Module):
     def from_config(cls, unet: UNetConfig | None = None, vae: VAEConfig | None = None, text: TextConfig | None = None,
                     style: StyleConfig | str | None = "tiny", clue: CLUEConfig | None = None,
                     schedule: dict | None = None):
-        """A model from scratch (random weights); the defaults are the tiny demo preset (UNetConfig.tiny(), ...,
-        style "tiny" = StyleConfig.tiny()). `style=None` or tokens=0: the vanilla baseline. `schedule`:
-        NoiseSchedule arguments (default SD's scaled-linear 1000 steps); its prediction type is `clue`'s."""
+        """A model from scratch (random weights), by default the tiny demo preset (UNetConfig.tiny(), ..., "tiny");
+        `style=None` or tokens=0: the vanilla baseline; `schedule`: NoiseSchedule arguments (default SD's)."""
         unet, vae, text = unet or UNetConfig.tiny(), vae or VAEConfig.tiny(), text or TextConfig.tiny()
         clue = clue or CLUEConfig.tiny(scale_factor=vae.scale_factor)
         if isinstance(style, str):
@@ -194,7 +190,6 @@ class CLUE(nn.Module):
         return cls(VAE(vae), TextEncoder(text), UNet(replace(unet, style=use_style)),
                    StyleEncoder(style) if use_style else None, sched, clue)
 
-    # ---------------------------------------------------------------- encoders
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, sample: bool | None = None, generator=None) -> torch.Tensor:
         """Images in [-1, 1] (B,3,H,W) -> z0 = scale_factor * (posterior sample or mean), (B,4,H/f,W/f)."""
@@ -211,7 +206,6 @@ class CLUE(nn.Module):
         """(mu, logvar) of the style posterior q(s | z0, c), each (B,K,D)."""
         return self.style_encoder(z0, context)
 
-    # ---------------------------------------------------------------- training
     @staticmethod
     def unpack(batch, class_names: list[str] | None = None) -> tuple[torch.Tensor, list[str], list[str] | None]:
         """A batch -> (images in [-1,1], prompts, class names or None): a data.py dict ("image", "prompt", "label",
@@ -243,11 +237,10 @@ class CLUE(nn.Module):
             self.encode_images(images, generator=generator)
         context = self.encode_prompts(prompts)
         drop_text = torch.rand(B, generator=generator) < self.cfg.text_dropout
+        unet_context = context
         if drop_text.any():  # classifier-free guidance: the empty prompt's embedding for those samples
             empty = self.encode_prompts([""]).expand_as(context)
             unet_context = torch.where(drop_text.to(dev)[:, None, None], empty, context)
-        else:
-            unet_context = context
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator).to(dev)
         eps = randn_cpu(z0.shape, generator, dev, z0.dtype)
         z_t = self.schedule.q_sample(z0, t, eps)  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps (DDPM eq. 4)
@@ -282,7 +275,6 @@ class CLUE(nn.Module):
                     text_dropped=drop_text.float().mean().item())
         return loss, logs
 
-    # ---------------------------------------------------------------- style sources
     @property
     def style_shape(self) -> tuple[int, int]:
         """(K, D): style tokens per image and their width."""
@@ -297,7 +289,7 @@ class CLUE(nn.Module):
         makers = {"prior": self._prior_style, "posterior": self._posterior_style,
                   "posterior_sample": self._posterior_sample_style, "reference": self._reference_style}
         if not isinstance(choice.source, str) or choice.source not in makers:
-            raise ValueError(f"style source must be a tensor or one of {STYLE_SOURCES}, got {choice.source!r}")
+            raise ValueError(f"StyleChoice.source must be a tensor or one of {STYLE_SOURCES}, got {choice.source!r}")
         return makers[choice.source](choice, n, generator)
 
     def _given_style(self, style: torch.Tensor, n: int) -> torch.Tensor:
@@ -317,9 +309,9 @@ class CLUE(nn.Module):
         known = sorted(self.style_posterior)
         if not known:
             raise ValueError("no style posterior in this model: run fit_style_posterior(loader) (train.py does "
-                             "it before saving) or the prior")
+                             "it before saving) or use the prior")
         if choice.classes is None or len(choice.classes) != n:
-            raise ValueError(f"style={choice.source!r} needs classes=[one class name per image] ({n}); known: {known}")
+            raise ValueError(f"StyleChoice({choice.source!r}) needs classes=[a class per image] ({n}); known: {known}")
         for name in choice.classes:
             if str(name) not in self.style_posterior:
                 raise ValueError(f"class {name!r} not in the style posterior; known: {known}")
@@ -339,16 +331,15 @@ class CLUE(nn.Module):
     def _reference_style(self, choice: StyleChoice, n: int, generator=None) -> torch.Tensor:
         """mu of the encoder on the reference images in [-1,1] (one, or one per image) with their prompts."""
         if choice.reference is None or choice.reference_prompts is None:
-            raise ValueError("style='reference' needs reference images (B,3,H,W) in [-1,1] and their prompts")
+            raise ValueError("StyleChoice('reference') needs reference images (B,3,H,W) in [-1,1] and their prompts")
         reference = choice.reference[None] if choice.reference.dim() == 3 else choice.reference
         with torch.no_grad():
             z0 = self.encode_images(reference, sample=False)
             mu, _ = self.encode_style(z0, self.encode_prompts(list(choice.reference_prompts)[:len(z0)]))
         if len(mu) not in (1, n):
-            raise ValueError(f"style='reference': {len(mu)} reference images for {n} images; give 1 or {n}")
+            raise ValueError(f"StyleChoice('reference'): {len(mu)} reference images for {n} images; give 1 or {n}")
         return mu.float().expand(n, *self.style_shape).contiguous()
 
-    # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, sampling: Sampling | None = None, style: StyleChoice | None = None,
                  *, seed: int | None = None, generator: torch.Generator | None = None,
@@ -398,7 +389,6 @@ class CLUE(nn.Module):
         image = self.vae.decode(z / self.cfg.scale_factor).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
-    # ---------------------------------------------------------------- style statistics (style_stats.py)
     def fit_style_posterior(self, loader, max_batches: int | None = None, rank: int = 16) -> dict:
         """Fit and keep the per-class Gaussians of the aggregated posterior (style_stats.fit_class_posteriors)."""
         self.style_posterior = style_stats.fit_class_posteriors(self, loader, max_batches, rank)

@@ -56,7 +56,6 @@ class NoiseSchedule:
             raise ValueError(f"NoiseSchedule: prediction_type must be in {PREDICTION_TYPES}, got {prediction_type!r}")
         self.num_train_timesteps, self.beta_start, self.beta_end = num_train_timesteps, beta_start, beta_end
         self.beta_schedule, self.prediction_type = beta_schedule, prediction_type
-
         alphas = 1.0 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
         self.alpha_bar64 = alpha_bar  # float64 copy: the samplers' per-step scalars come from it
@@ -172,7 +171,6 @@ class DDIMSampler:
         t_prev = t - self.schedule.num_train_timesteps // self.num_inference_steps
         alpha_bar_t = float(self.schedule.alpha_bar64[t])
         alpha_bar_prev = float(self.schedule.alpha_bar64[t_prev]) if t_prev >= 0 else self.final_alpha_bar
-
         x0, eps = self.schedule.predict_x0_eps(model_output, x_t, t)
         # eq. 16: sigma_t; eta = 1 gives DDPM's posterior std sqrt(beta_tilde)
         sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
@@ -198,10 +196,8 @@ class DDPMSampler:
     def set_timesteps(self, num_inference_steps: int | None = None) -> torch.Tensor:
         """n steps with "leading" spacing, or None for the whole training chain T-1, ..., 0."""
         T = self.schedule.num_train_timesteps
-        if num_inference_steps is None:
-            self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.long)
-        else:
-            self.timesteps = _leading_timesteps(T, num_inference_steps, self.steps_offset)
+        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.long) if num_inference_steps is None else \
+            _leading_timesteps(T, num_inference_steps, self.steps_offset)
         self.num_inference_steps = num_inference_steps
         steps = self.timesteps.tolist()
         self._prev = dict(zip(steps, steps[1:] + [-1]))  # t -> the next timestep down (-1: the end)
@@ -218,7 +214,6 @@ class DDPMSampler:
         alpha_bar_prev = float(self.schedule.alpha_bar64[t_prev]) if t_prev >= 0 else 1.0
         alpha_t = alpha_bar_t / alpha_bar_prev
         beta_t = 1 - alpha_t
-
         x0, _ = self.schedule.predict_x0_eps(model_output, x_t, t)
         # eq. 7: the posterior mean mu_tilde(x_t, x0)
         x_prev = (math.sqrt(alpha_bar_prev) * beta_t / (1 - alpha_bar_t)) * x0 \

@@ -93,8 +93,7 @@ class StyleEncoder(nn.Module):
             raise ValueError(f"StyleConfig(tokens={cfg.tokens}): 0 tokens means no style branch; build no "
                              "StyleEncoder then (CLUE does this for --style-tokens 0)")
         if cfg.width % 4 or cfg.width % cfg.heads:
-            raise ValueError(f"StyleConfig(width={cfg.width}) must be a multiple of 4 (2-D positions) and of "
-                             f"heads={cfg.heads}")
+            raise ValueError(f"StyleConfig(width={cfg.width}) must be a multiple of 4 (2-D positions) and of heads")
         if cfg.patch_size < 1:
             raise ValueError(f"StyleConfig(patch_size={cfg.patch_size}) must be >= 1")
         self.cfg = cfg
@@ -132,9 +131,7 @@ class StyleEncoder(nn.Module):
         for layer in self.layers:
             q = layer(q, memory)
         q = self.norm_out(q)
-        mu = self.to_mu(q)                                           # (B,K,W) -> (B,K,D)
-        logvar = self.to_logvar(q).clamp(LOGVAR_MIN, LOGVAR_MAX)
-        return mu, logvar
+        return self.to_mu(q), self.to_logvar(q).clamp(LOGVAR_MIN, LOGVAR_MAX)  # (B,K,W) -> mu, logvar (B,K,D)
 
     @staticmethod
     def sample(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,

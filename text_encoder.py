@@ -84,8 +84,7 @@ def tokenize(prompts: str | list[str], context_length: int = 77, pad: str = "zer
     becomes id 0; open_clip (ldm, which trained SD 2) and we encode it as "!</w>" (id 256)."""
     if pad not in ("zero", "eos"):
         raise ValueError(f"tokenize: pad must be 'zero' or 'eos', got {pad!r}")
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    prompts = [prompts] if isinstance(prompts, str) else prompts
     bpe = bpe_tokenizer()
     pad_id = 0 if pad == "zero" else EOT_TOKEN
     tokens = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)

@@ -302,8 +302,7 @@ class UNet(nn.Module):
                 ch = out
                 skip_channels.append(ch)
             level.downsamplers = nn.ModuleList([Downsample(ch)] if i < n - 1 else [])
-            if i < n - 1:
-                skip_channels.append(ch)
+            skip_channels += [ch] * len(level.downsamplers)
             self.down_blocks.append(level)
 
         # Middle: resnet, transformer, resnet at the lowest resolution (always attends).

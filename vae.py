@@ -71,8 +71,7 @@ class DiagonalGaussian:
 
     def kl(self):
         """KL(q || N(0, I)) = 1/2 sum(mean^2 + var - 1 - logvar), summed over all but the batch dimension -> (B,)."""
-        dims = list(range(1, self.mean.ndim))
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=list(range(1, self.mean.ndim)))
 
 
 class SpatialSelfAttention(Attention):
@@ -84,8 +83,7 @@ class SpatialSelfAttention(Attention):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B,C,H,W) -> (B,HW,C)
-        h = super().forward(h)
+        h = super().forward(self.group_norm(x).view(B, C, H * W).transpose(1, 2))  # (B,C,H,W) -> (B,HW,C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)          # (B,HW,C) -> (B,C,H,W)
 
 
@@ -124,8 +122,7 @@ class Encoder(nn.Module):
         for level in self.down_blocks:
             for layer in (*level.resnets, *level.downsamplers):  # the downsampler: (B,C,H,W) -> (B,C,H/2,W/2)
                 h = layer(h)
-        h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))      # -> (B, 2*latent, h, w) moments
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))  # -> (B, 2*latent, h, w) moments
 
 
 class Decoder(nn.Module):
@@ -160,8 +157,7 @@ class VAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
