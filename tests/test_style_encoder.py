@@ -68,7 +68,7 @@ def test_sd_preset_shapes():
 
 def test_initial_encoder_has_unit_sigma_and_an_input_dependent_mu():
     """At initialisation sigma = 1 exactly and mu is of order 0.6 and differs between images: a style signal
-    from step 0 (a mu head scaled to ~1e-2 kept the demo's style unused), at a moderate KL."""
+    from step 0, at a moderate KL."""
     torch.manual_seed(0)
     cfg = StyleConfig.tiny()
     mu, logvar = StyleEncoder(cfg)(torch.randn(8, 4, 8, 8) * 3, torch.randn(8, 77, 64))
