@@ -59,6 +59,7 @@ EXAMPLES = """examples:
   python sample.py --model runs/digits/final --grid interpolation --interpolate a.png b.png --n-interp 8
 """
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,9 +272,8 @@ def main(argv=None) -> dict:
             raise UsageError("pass --prompt (or --per-class / --scale / --grid for a CLUE checkpoint)")
         n_each = args.num_images or args.batch
         prompts = [q for q in args.prompt for _ in range(n_each)]
-        name = args.class_name
-        if name is None and (args.style or "").startswith("posterior"):  # the class whose training prompt matches
-            name = next((k for k, p in model.style_posterior.items() if p["prompt"] == args.prompt[0]), None)
+        name = args.class_name if args.class_name is not None else next(  # default: the class of the prompt
+            (k for k, p in model.style_posterior.items() if p["prompt"] == args.prompt[0]), None)
         all_images = []
         for b, start in enumerate(range(0, len(prompts), args.batch)):
             chunk = prompts[start:start + args.batch]
