@@ -11,6 +11,8 @@ import argparse
 import math
 import sys
 
+import torch
+
 from checkpoint import CheckpointError
 from data import DataError
 
@@ -51,6 +53,19 @@ def non_negative_float(text: str) -> float:
 
 def probability(text: str) -> float:
     return _number(float, text, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
+
+
+def torch_device(text: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:1, mps."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    have = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if have.get(device.type, 1) <= (device.index or 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {have.get(device.type, 0)} {device.type} "
+                                         "device(s); use --device cpu")
+    return text
 
 
 def comma_list(item):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import classifier as clf
 from checkpoint import CheckpointError, atomic_write_json, read_checkpoint, write_checkpoint
-from cli import UsageError, comma_list, non_negative_int, positive_float, positive_int, run
+from cli import UsageError, comma_list, non_negative_int, positive_float, positive_int, run, torch_device
 from data import DIGITS_ARGS, IMAGE_EXTENSIONS, DataError, cache_root, list_images, load_image, resolve_data, to_rgb
 from inception import FID_WEIGHTS_NAME, load_fid_inception
 
@@ -394,7 +394,8 @@ def build_parser():
             q.add_argument("--train-batch-size", dest="batch_size", type=positive_int, help="images per step")
             q.add_argument("--lr", type=positive_float, help="peak SGD learning rate (preset's by default)")
             q.add_argument("--seed", type=non_negative_int, default=0, help="(first) seed: init, batches, draws")
-        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+        q.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
     m = command("metrics", cmd_metrics, "FID, precision/recall, density/coverage (and memorisation) of two folders")

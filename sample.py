@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from checkpoint import as_clue, atomic_write_json
 from cli import (UsageError, finite_float, non_negative_float, non_negative_int, positive_float, positive_int,
-                 probability, run)
+                 probability, run, torch_device)
 from clue import CLUE, Sampling, StyleChoice, slerp
 from convert import load_stable_diffusion
 from data import (ClassFolderDataset, DataError, decode_problem, default_prompt_template, load_image, make_grid,
@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="single SD files only (they cannot store it): convert.py's default is epsilon for SD 1.x, "
                         "v_prediction for SD 2.x; pass epsilon for the 512 px 2.x-base files")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="autocast precision on GPU (fp32 only on CPU); fp16 on a v-prediction model turns on "
                         "the fp32 attention upcast (SD 2.1-v needs it)")
@@ -146,8 +147,7 @@ def load_reference(path, height, width) -> torch.Tensor:
 
 def class_plan(args, model) -> list[dict]:
     """The classes to draw: [{"folder", "name", "prompt", "real", "count"}], from --data or the checkpoint."""
-    posterior = model.style_posterior
-    train = getattr(model, "train_config", None) or {}
+    posterior, train = model.style_posterior, getattr(model, "train_config", None) or {}
     if args.data is not None:
         root = resolve_data(args.data)
         template = args.prompt_template or train.get("prompt_template") or default_prompt_template(args.data)

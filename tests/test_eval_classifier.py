@@ -192,7 +192,7 @@ def _one_line_error(capsys, argv, program="eval.py", main=ev.main):
 @pytest.mark.parametrize("flag,value", [("--k-pr", "0"), ("--k-dc", "-1"), ("--batch-size", "0"),
                                         ("--steps", "0"), ("--seeds", "0"), ("--lr", "nan"), ("--lr", "-0.1"),
                                         ("--scales", "100,-5"), ("--scales", ","), ("--seed", "-1"),
-                                        ("--width", "0"), ("--image-size", "x")])
+                                        ("--width", "0"), ("--image-size", "x"), ("--device", "cuda:99")])
 def test_bad_numeric_flags_are_refused_at_parse_time(tmp_path, capsys, flag, value):
     command = "metrics" if flag in ("--k-pr", "--k-dc", "--batch-size") else "classify"
     argv = [command, "--real", "r", "--fake", "f"] if command == "metrics" else \

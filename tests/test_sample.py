@@ -139,7 +139,8 @@ def _one_line_error(capsys, argv):
                                         ("--height", "0"), ("--width", "-8"), ("--per-class", "-1"),
                                         ("--scale", "-100"), ("--steps", "0"), ("--tau", "nan"), ("--tau", "-1"),
                                         ("--eta", "nan"), ("--eta", "1.5"), ("--style-scale", "inf"),
-                                        ("--guidance", "nan"), ("--seed", "-1"), ("--n-interp", "x")])
+                                        ("--guidance", "nan"), ("--seed", "-1"), ("--n-interp", "x"),
+                                        ("--device", "gpu"), ("--device", "cuda:99")])
 def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
     err = _one_line_error(capsys, ["--model", "unused", "--prompt", "x", flag, value])
     assert f"argument {flag}" in err
