@@ -1,12 +1,10 @@
-"""Our one checkpoint format, the audit every loader ends with, and reading weight files of any origin.
+"""Our one checkpoint format, reading weight and config files of any origin, and the audit every loader ends with.
 
-A checkpoint is a folder: model.safetensors (tensors named `<part>.<name>`: unet.*, vae.*, text_encoder.*,
-style_encoder.*, ...) and config.json ({"format": "clue-pytorch", "version": 1, "kind": ..., a section per config
-dataclass, ...}). CLUE, Stable Diffusion, the tiny VAE, training state and the classifier all use it; `kind` says
-which. Files are replaced atomically (temporary file, fsync, rename), the JSON last: a folder that has it is
-complete. Reading validates once, here: sections, field types, and every tensor through the audit (STYLE.md, point
-7). Anything broken raises CheckpointError naming the file and the key.
-"""
+A checkpoint is a folder: model.safetensors (tensors named `<part>.<name>`: unet.*, vae.*, style_encoder.*, ...) and
+config.json ({"format": "clue-pytorch", "version": 1, "kind": ..., a section per config dataclass, ...}), for CLUE,
+SD, the tiny VAE, training state and the classifier alike (`kind` says which). Files are replaced atomically, the JSON
+last: a folder that has it is complete. Reading validates once, here: sections, field types, every tensor (the audit,
+STYLE.md point 7); anything broken raises CheckpointError naming the file and the key."""
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +29,6 @@ from unet import UNet, UNetConfig, is_style_param
 from vae import VAE, VAEConfig
 
 FORMAT, FORMAT_VERSION = "clue-pytorch", 1
-SD_KINDS = ("stable_diffusion", "clue")  # the kinds load_sd_folder reads
 
 
 class CheckpointError(ValueError):
@@ -51,9 +48,7 @@ def naming_errors(where):
         raise CheckpointError(f"{where}: {e}") from e
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing: atomic files, our format
-# ---------------------------------------------------------------------------------------------
+# ---- writing: atomic files, our format -----------------------------------------------------------------------------
 def _atomic_replace(path: Path, write) -> None:
     """write(tmp) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,9 +98,7 @@ def write_checkpoint(folder, kind: str, config: dict, tensors: dict, json_name: 
     atomic_write_json(folder / json_name, {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, **config})
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading: files, our format, config dataclasses with their field types checked
-# ---------------------------------------------------------------------------------------------
+# ---- reading: files, our format, config dataclasses with their field types checked -----------------------------
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -119,14 +112,27 @@ def read_json(path) -> dict:
     return obj
 
 
+def read_config(file: Path, translate) -> tuple:
+    """(raw, translate(raw, file)) of a JSON config file, what the translation raises naming the file."""
+    raw = read_json(file)
+    with naming_errors(file):
+        return raw, translate(raw, file)
+
+
+def check_fixed(cfg: dict, fixed: dict, where) -> None:
+    """Refuse options of a public config set to other values than `fixed` {option: the one value we implement}."""
+    def same(value, want):
+        return all(same(v, want) for v in value) if isinstance(value, list) else value == want
+    if odd := [f"{k}={cfg[k]!r} (we implement {v!r})" for k, v in fixed.items() if k in cfg and not same(cfg[k], v)]:
+        raise CheckpointError(f"{where}: settings that SD 1.x / 2.x do not use and we do not implement: "
+                              + "; ".join(odd))
+
+
 def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "config.json",
                     tensors_name: str = "model.safetensors") -> tuple[dict, dict]:
     """What write_checkpoint wrote -> (config, tensors). `kind` (a name or a tuple of names) is what the caller
     expects; folders written before "kind" existed (format version 1) pass."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (expected {json_name} + {tensors_name})")
-    config_file, weights_file = folder / json_name, folder / tensors_name
+    config_file, weights_file = Path(folder) / json_name, Path(folder) / tensors_name
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing; a {FORMAT} folder holds {json_name} and {tensors_name}")
@@ -143,31 +149,31 @@ def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "c
     return config, read_state_dict(weights_file)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
 
 
 def _checked(value, hint, where: str):
-    """A JSON value as a field of type `hint` (int, float, bool, str, tuple[X, ...], X | None); lists -> tuples."""
-    args = typing.get_args(hint)
+    """A JSON value as a field of type `hint`: int, float, bool, str, dict, tuple[X, ...] / list[X] (from a list),
+    X | None."""
+    args, origin = typing.get_args(hint), typing.get_origin(hint) or hint
     if type(None) in args:
         return None if value is None else _checked(value, next(a for a in args if a is not type(None)), where)
-    if typing.get_origin(hint) is tuple:
+    if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise CheckpointError(f"{where}: expected a list, got {value!r}")
-        return tuple(_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        return origin(_checked(v, args[0], f"{where}[{i}]") if args else v for i, v in enumerate(value))
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = {int: number and isinstance(value, int), float: number, bool: isinstance(value, bool), str: isinstance(value, str)}
-    if not ok.get(hint, True):
-        raise CheckpointError(f"{where}: expected {_TYPE_NAMES[hint]}, got {value!r}")
+    if not {int: number and isinstance(value, int), float: number, bool: isinstance(value, bool),
+            str: isinstance(value, str), dict: isinstance(value, dict)}.get(origin, True):
+        raise CheckpointError(f"{where}: expected {_TYPE_NAMES[origin]}, got {value!r}")
     return value
 
 
 def _fields(d, hints: dict, where: str, what: str) -> dict:
     """A JSON object whose keys are all in `hints` {name: type}, each value of its type."""
     if not isinstance(d, dict):
-        raise CheckpointError(f"{where}: expected a JSON object ({what}), got {d!r}")
-    unknown = sorted(set(d) - set(hints))
-    if unknown:
+        raise CheckpointError(f"{where}: expected a JSON object ({what} fields), got {d!r}")
+    if unknown := sorted(set(d) - set(hints)):
         raise CheckpointError(f"{where}: unknown {what} fields {unknown}")
     return {k: _checked(v, hints[k], f"{where} {k}") for k, v in d.items()}
 
@@ -198,15 +204,15 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True) if as_torch else load_file(path)
     except Exception as e:  # the libraries raise a zoo of types (SafetensorError, UnpicklingError, RuntimeError...)
-        code = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
-        if code:
+        unpickling = isinstance(e, pickle.UnpicklingError)  # torch's text then advises weights_only=False: not ours to
+        if code := unpickling and re.search(r"GLOBAL (\S+)", str(e)):  # give; a class or function the pickle names
             raise CheckpointError(f"{path}: holds pickled Python objects beyond tensors ({code[1]}); nothing in it was "
-                                  "run. Pickles are read with torch.load(weights_only=True) only, and no option runs "
-                                  "the code in one: convert the file to .safetensors with a tool you trust") from None
-        detail = "not a pickle of tensors" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+                                  "run. This project reads pickles with torch.load(weights_only=True) only, with no "
+                                  "option to run their code: convert it to safetensors with a tool you trust") from None
         kind = "a torch pickle (torch.load, weights_only=True)" if as_torch else "safetensors"
-        raise CheckpointError(f"{path}: cannot be read as {kind}: {detail}. The file is truncated, corrupt or not a "
-                              "weights file; download it again") from None
+        raise CheckpointError(f"{path}: cannot be read as {kind}: "
+                              f"{'not a pickle of tensors' if unpickling else f'{type(e).__name__}: {e}'}. The file is "
+                              "truncated, corrupt or not a weights file; download it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -214,9 +220,43 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-# ---------------------------------------------------------------------------------------------
-# The audit
-# ---------------------------------------------------------------------------------------------
+def read_weights_folder(folder: Path) -> tuple[dict, Path]:
+    """A diffusers / transformers component folder's weights -> (tensors, file): safetensors before .bin, full
+    precision before fp16, shards (*.index.json) merged."""
+    for name in (f"{stem}{variant}{ext}" for ext in (".safetensors", ".bin") for variant in ("", ".fp16")
+                 for stem in ("diffusion_pytorch_model", "model", "pytorch_model")):
+        if (folder / name).is_file():
+            return read_state_dict(folder / name), folder / name
+        if (index := folder / f"{name}.index.json").is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            return {k: v for s in shards for k, v in read_state_dict(folder / s).items()}, index
+    raise FileNotFoundError(f"{folder}: no weights (diffusion_pytorch_model / model .safetensors or .bin); "
+                            f"found {sorted(p.name for p in folder.iterdir())}")
+
+
+# ---- renaming rules and the audit -------------------------------------------------------------------------------
+IDENTITY = [(r"", "", None)]  # the rules for tensors already in our names
+
+
+def apply_rules(source: dict, rules, suffix_renames=()) -> tuple[list, list]:
+    """Rename each key by the first rule (regex, replacement, transform) matching its start: the replacement (a
+    template or a function of the match) rewrites the matched prefix, `transform` (or None) the tensor; then the
+    (old, new) `suffix_renames`. A rule renaming to "" ignores the key. -> ([(key, our key, tensor)], [unmatched])."""
+    mapped, unmatched = [], []
+    for key, t in source.items():
+        for pattern, repl, transform in rules:
+            if m := re.match(pattern, key):
+                new = (repl(m) if callable(repl) else m.expand(repl)) + key[m.end():]
+                for old, rep in suffix_renames:
+                    new = new.replace(old, rep)
+                if new:
+                    mapped.append((key, new, transform(t) if transform else t))
+                break
+        else:
+            unmatched.append(key)
+    return mapped, unmatched
+
+
 def key_listing(title: str, items: list, limit: int = 12) -> str:
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"  {title} ({len(items)}):\n" + "".join(f"    {x}\n" for x in items[:limit]) + more
@@ -263,32 +303,41 @@ def build_stable_diffusion(cfgs: tuple, weights: list, schedule: NoiseSchedule, 
     return StableDiffusion(*modules, schedule, schedule.prediction_type, **fields)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stable Diffusion and CLUE in our format
-# ---------------------------------------------------------------------------------------------
+def schedule_from_betas(sd: dict, where) -> dict:
+    """SD's NoiseSchedule arguments; where a state dict stores ldm's `betas`, checked to be that schedule (or one with
+    its end points)."""
+    betas = sd.get("betas")
+    if betas is None:
+        return dict(SD_SCHEDULE)
+    tolerance = max(1e-4, 2 * torch.finfo(betas.dtype).eps)  # pruned fp16 files store fp16 betas
+    betas = betas.double()
+    for cand in (dict(SD_SCHEDULE), dict(SD_SCHEDULE, num_train_timesteps=len(betas),
+                                         beta_start=round(float(betas[0]), 8), beta_end=round(float(betas[-1]), 8))):
+        ours = NoiseSchedule(**cand).betas.double()
+        if ours.shape == betas.shape and torch.allclose(ours, betas, rtol=tolerance, atol=1e-8):
+            return cand
+    raise CheckpointError(f"{where}: the stored 'betas' ({len(betas)} steps, {float(betas[0]):.6g} .. "
+                          f"{float(betas[-1]):.6g}) are not a scaled_linear schedule; not an SD 1.x / 2.x file")
+
+
+# ---- Stable Diffusion and CLUE in our format ----------------------------------------------------------------------
 _TOP = {"prediction_type": str | None, "scale_factor": float, "image_size": int | None, "source": str}
 _SCHEDULE = {**{k: type(v) for k, v in SD_SCHEDULE.items()}, "prediction_type": str}
 _SAMPLER = {k: type(v) for k, v in SD_SAMPLER.items()}
 _POSTERIOR = {"classes": tuple[str, ...], "prompts": tuple[str, ...], "counts": tuple[int, ...]}
 
 
-def _same_names(tensors: dict) -> list:
-    return [(k, k, t) for k, t in tensors.items()]
-
-
 def load_sd_folder(folder, prediction_type: str | None = None, style: bool | None = None) -> StableDiffusion:
     """Our folder -> StableDiffusion, what is beyond SD in extra_config / extra_tensors. `style`: None = the U-Net as
     stored; True adds the zero-initialised style branch where it has none; False leaves it out."""
     folder = Path(folder)
-    config, tensors = read_checkpoint(folder, SD_KINDS)
+    config, tensors = read_checkpoint(folder, ("stable_diffusion", "clue"))
     where, weights = folder / "config.json", folder / "model.safetensors"
-    lacking = [k for k in ("unet", "vae", "text", "schedule") if k not in config]
-    if lacking:
+    if lacking := [k for k in ("unet", "vae", "text", "schedule") if k not in config]:
         raise CheckpointError(f"{where}: missing the {', '.join(lacking)} section(s)")
-    stored = config_from_dict(UNetConfig, config["unet"], f"{where} [unet]")
+    stored, vae_cfg, text_cfg = (config_from_dict(cls, config[k], f"{where} [{k}]")
+                                 for cls, k in ((UNetConfig, "unet"), (VAEConfig, "vae"), (TextConfig, "text")))
     unet_cfg = stored if style is None else dataclasses.replace(stored, style=style)
-    vae_cfg = config_from_dict(VAEConfig, config["vae"], f"{where} [vae]")
-    text_cfg = config_from_dict(TextConfig, config["text"], f"{where} [text]")
     schedule = _fields(config["schedule"], _SCHEDULE, f"{where} [schedule]", "schedule")
     top = _fields({k: config[k] for k in _TOP if k in config}, _TOP, where, "top-level")
     sampler = _fields(config.get("sampler") or SD_SAMPLER, _SAMPLER, f"{where} [sampler]", "sampler")
@@ -296,7 +345,7 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     prediction_type = prediction_type or top.get("prediction_type") or stored_type or "epsilon"
     with naming_errors(where):
         schedule = NoiseSchedule(**schedule, prediction_type=prediction_type)
-    parts: dict[str, dict] = {}
+    parts: dict[str, dict] = {}  # {"unet": {name: tensor}, "vae": ..., "style_encoder": ...}
     for k, v in tensors.items():
         head, _, rest = k.partition(".")
         parts.setdefault(head, {})[rest] = v
@@ -312,9 +361,9 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     known = {"format", "version", "kind", "unet", "vae", "text", "schedule", "sampler", *_TOP}
     return build_stable_diffusion(
         (unet_cfg, vae_cfg, text_cfg),
-        [(_same_names(unet_sd), [], "U-Net (unet.*)", weights, keep),
-         (_same_names(parts.pop("vae", {})), [], "VAE (vae.*)", weights),
-         (_same_names(parts.pop("text_encoder", {})), [], "text encoder (text_encoder.*)", weights)],
+        [(*apply_rules(unet_sd, IDENTITY), "U-Net (unet.*)", weights, keep),
+         (*apply_rules(parts.pop("vae", {}), IDENTITY), "VAE (vae.*)", weights),
+         (*apply_rules(parts.pop("text_encoder", {}), IDENTITY), "text encoder (text_encoder.*)", weights)],
         schedule, folder, scale_factor=float(top.get("scale_factor", vae_cfg.scale_factor)),
         image_size=int(top.get("image_size") or clue_size or (768 if prediction_type == "v_prediction" else 512)),
         sampler_config=dict(sampler), source=f"{FORMAT} folder", notes=notes,
@@ -332,9 +381,9 @@ def save_stable_diffusion(sd: StableDiffusion, out_dir, dtype: torch.dtype | Non
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     config = {"unet": asdict(sd.unet.cfg), "vae": asdict(sd.vae.cfg), "text": asdict(sd.text_encoder.cfg),
-              "schedule": sd.schedule.to_dict(), "prediction_type": sd.prediction_type,
-              "scale_factor": sd.scale_factor, "image_size": sd.image_size, "sampler": sd.sampler_config,
-              "source": sd.source, **sd.extra_config, **(extra_config or {})}
+              "schedule": sd.schedule.to_dict(), "prediction_type": sd.prediction_type, "scale_factor": sd.scale_factor,
+              "image_size": sd.image_size, "sampler": sd.sampler_config, "source": sd.source, **sd.extra_config,
+              **(extra_config or {})}
     write_checkpoint(out_dir, "clue" if "clue" in config else "stable_diffusion", config, tensors)
 
 

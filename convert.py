@@ -1,12 +1,10 @@
 """Stable Diffusion 1.x / 2.x weights in public formats -> our modules; `python convert.py SRC OUT_DIR` -> our format.
 
-Sources: a diffusers folder (unet/, vae/, text_encoder/, scheduler/: our U-Net and VAE use diffusers' names, the
-configs are translated), an original single file (.safetensors / .ckpt in the CompVis / Stability "ldm" layout:
-sizes from tensor shapes, what shapes cannot tell from arguments with SD's defaults) and our own folder
-(checkpoint.py). Each is renamed by a short list of regex rules, the tensor transforms named (CLIP's q/k/v ->
-in_proj, the ldm VAE's 1x1 convs -> Linear), and ends in checkpoint.py's audit. SDXL, SD3, Flux, inpainting,
-instruct-pix2pix, class-conditioned U-Nets, LoRA and ControlNet files are refused, saying what was found.
-"""
+A diffusers folder (our U-Net and VAE use diffusers' names, its configs are translated), an original single file (the
+CompVis / Stability "ldm" layout: sizes from shapes, the rest from arguments with SD's defaults) or our own folder
+(checkpoint.py): each is renamed by a few regex rules, the tensor transforms named (CLIP's q/k/v -> in_proj, the ldm
+VAE's 1x1 convs -> Linear), and ends in checkpoint.py's audit. SDXL, SD3, Flux, inpainting, instruct-pix2pix,
+class-conditioned U-Nets, LoRA and ControlNet files are refused, saying so."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +15,10 @@ from pathlib import Path
 import torch
 
 import cli
-from checkpoint import (FORMAT, CheckpointError, as_clue, build_stable_diffusion, key_listing, load_sd_folder,
-                        naming_errors, read_json, read_state_dict, save_clue, save_stable_diffusion)
+from checkpoint import (FORMAT, IDENTITY, CheckpointError, apply_rules, as_clue, build_stable_diffusion, check_fixed,
+                        key_listing, load_sd_folder, naming_errors, read_config, read_json, read_state_dict,
+                        read_weights_folder, save_clue, save_stable_diffusion,
+                        schedule_from_betas)
 from clue import StableDiffusion
 from schedulers import PREDICTION_TYPES, SD_SAMPLER, SD_SCHEDULE, NoiseSchedule
 from text_encoder import TextConfig
@@ -26,39 +26,15 @@ from unet import UNetConfig, is_style_param
 from vae import VAEConfig
 
 
-def _apply_rules(source: dict, rules, suffix_renames=()) -> tuple[list, list]:
-    """Rename each key by the first rule (regex, replacement, transform) matching its start: the replacement (a
-    template or a function of the match) rewrites the matched prefix, `transform` (or None) the tensor; then the
-    (old, new) `suffix_renames`. A rule renaming to "" ignores the key. -> ([(key, our key, tensor)], [unmatched])."""
-    mapped, unmatched = [], []
-    for key, t in source.items():
-        for pattern, repl, transform in rules:
-            if m := re.match(pattern, key):
-                new = (repl(m) if callable(repl) else m.expand(repl)) + key[m.end():]
-                for old, rep in suffix_renames:
-                    new = new.replace(old, rep)
-                if new:
-                    mapped.append((key, new, transform(t) if transform else t))
-                break
-        else:
-            unmatched.append(key)
-    return mapped, unmatched
-
-
-_IDENTITY = [(r"", "", None)]
-
-
 def _refuse_unet_variant(in_channels: int, where) -> None:
     if in_channels != 4:
-        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model", 7: "an x4 upscaler"}.get(in_channels, "not SD")
-        raise CheckpointError(f"{where}: the U-Net takes {in_channels} input channels ({kind}); only text-to-image "
-                              "SD 1.x / 2.x (4 latent channels) is supported")
+        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model", 7: "an x4 upscaler"}.get(in_channels)
+        raise CheckpointError(f"{where}: the U-Net takes {in_channels} input channels ({kind or 'not SD'}); only "
+                              "text-to-image SD 1.x / 2.x (4 latent channels) is supported")
 
 
-# ---------------------------------------------------------------------------------------------
-# transformers CLIPTextModel -> our (open_clip) names
-# ---------------------------------------------------------------------------------------------
-_HF = r"(?:text_model\.)?"  # transformers 4 (the SD 1.5 / 2.1 repositories) prefix the names, transformers 5 not
+# ---- transformers CLIPTextModel -> our (open_clip) names -------------------------------------------------------------
+_HF = r"(?:text_model\.)?"  # transformers 4 (the SD 1.5 / 2.1 repositories) prefix the names, transformers 5 does not
 _LAYER = _HF + r"encoder\.layers\.(\d+)\."
 _HF_CLIP_RULES = [(pattern + "$", repl, None) for pattern, repl in [
     (_HF + r"embeddings\.token_embedding\.weight", "token_embedding.weight"),
@@ -75,10 +51,9 @@ _HF_CLIP_RULES = [(pattern + "$", repl, None) for pattern, repl in [
 
 
 def hf_clip_to_open_clip(state_dict: dict) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel state dict in our names. The one transform: nn.MultiheadAttention keeps q, k, v
-    as one matrix, in_proj = cat([q_proj, k_proj, v_proj]) (weights and biases). ValueError on an unknown key, a key
-    filled twice or a missing q/k/v part."""
-    mapped, unmatched = _apply_rules(state_dict, _HF_CLIP_RULES)
+    """A transformers CLIPTextModel state dict in our names; the one transform: nn.MultiheadAttention's in_proj =
+    cat([q_proj, k_proj, v_proj]) (weights, biases). ValueError on an unknown key, one filled twice, a missing part."""
+    mapped, unmatched = apply_rules(state_dict, _HF_CLIP_RULES)
     if unmatched:
         raise ValueError(f"hf_clip_to_open_clip: unexpected key '{unmatched[0]}': not a transformers CLIPTextModel "
                          "parameter (a vision or full CLIPModel checkpoint?)")
@@ -103,21 +78,16 @@ def text_config_from_hf(hf_config, mode: str = "sd2") -> TextConfig:
     TextConfig. `mode` ("sd2": pad with 0, "sd1": with the end token) is what the weights cannot tell."""
     d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     width, hidden, act = d.get("hidden_size", 512), d.get("intermediate_size", 2048), d.get("hidden_act", "quick_gelu")
-    for wrong, why in ((mode not in ("sd2", "sd1"), f"mode must be 'sd2' or 'sd1', got {mode!r}"),
-                       (act not in ("gelu", "quick_gelu"), f"hidden_act {act!r} is not 'gelu' or 'quick_gelu'"),
-                       (d.get("layer_norm_eps", 1e-5) != 1e-5, f"layer_norm_eps {d.get('layer_norm_eps')} != 1e-5, "
-                                                               "which both CLIP text towers use"),
-                       (hidden % width, f"intermediate_size {hidden} is not a multiple of hidden_size {width}")):
-        if wrong:
-            raise ValueError(f"text_config_from_hf: {why}")
+    if mode not in ("sd2", "sd1") or d.get("layer_norm_eps", 1e-5) != 1e-5 or hidden % width:  # (act: TextConfig)
+        raise ValueError(f"text_config_from_hf: mode {mode!r} (must be 'sd2' or 'sd1'), layer_norm_eps "
+                         f"{d.get('layer_norm_eps', 1e-5)} (both CLIP text towers: 1e-5), intermediate_size {hidden} "
+                         f"(must be a multiple of hidden_size {width}): not a CLIP text tower this code builds")
     return TextConfig(vocab_size=d.get("vocab_size", 49408), context_length=d.get("max_position_embeddings", 77),
                       width=width, heads=d.get("num_attention_heads", 8), layers=d.get("num_hidden_layers", 12),
                       mlp_ratio=hidden / width, act=act, pad="zero" if mode == "sd2" else "eos")
 
 
-# ---------------------------------------------------------------------------------------------
-# Diffusers folders
-# ---------------------------------------------------------------------------------------------
+# ---- diffusers folders -----------------------------------------------------------------------------------------------
 # diffusers options and the one value SD 1.x / 2.x use (what our modules build); another value is refused.
 _UNET_FIXED = dict(act_fn="silu", flip_sin_to_cos=True, freq_shift=0, time_embedding_type="positional",
                    mid_block_type="UNetMidBlock2DCrossAttn", resnet_time_scale_shift="default",
@@ -130,50 +100,37 @@ _VAE_FIXED = dict(act_fn="silu", shift_factor=None, latents_mean=None, latents_s
                   use_post_quant_conv=True, mid_block_add_attention=True)
 
 
-def _check_fixed(cfg: dict, fixed: dict, where) -> None:
-    def same(value, want):
-        return all(same(v, want) for v in value) if isinstance(value, list) else value == want
-    odd = [f"{k}={cfg[k]!r} (we implement {v!r})" for k, v in fixed.items() if k in cfg and not same(cfg[k], v)]
-    if odd:
-        raise CheckpointError(f"{where}: settings that SD 1.x / 2.x do not use and we do not implement: "
-                              + "; ".join(odd))
-
-
 def _unet_config_from_diffusers(cfg: dict, where, style: bool) -> UNetConfig:
     if cfg.get("addition_embed_type") is not None:
         raise CheckpointError(f"{where}: addition_embed_type={cfg['addition_embed_type']!r}: an SDXL-style U-Net; "
                               "only SD 1.x / 2.x are supported")
     _refuse_unet_variant(cfg.get("in_channels", 4), where)
-    _check_fixed(cfg, _UNET_FIXED, where)
+    check_fixed(cfg, _UNET_FIXED, where)
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
-    attention = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-    mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
-    if any(b not in attention for b in down) or up != [mirror[b] for b in reversed(down)]:
+    attention = [{"CrossAttnDownBlock2D": True, "DownBlock2D": False}.get(b) for b in down]
+    if None in attention or up != [("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(attention)]:
         raise CheckpointError(f"{where}: block types {down} / {up} are not the mirrored CrossAttn/plain blocks of SD")
     heads = cfg.get("num_attention_heads") or cfg["attention_head_dim"]  # diffusers: "head_dim" means heads
     depth, context = cfg.get("transformer_layers_per_block", 1), cfg["cross_attention_dim"]
-    if isinstance(depth, list) and len(set(depth)) == 1:
-        depth = depth[0]
+    depth = depth[0] if isinstance(depth, list) and len(set(depth)) == 1 else depth
     if not isinstance(depth, int) or not isinstance(context, int):
         raise CheckpointError(f"{where}: transformer_layers_per_block={depth!r}, cross_attention_dim={context!r}: "
                               "SD 1.x / 2.x use one depth and one context width at every level")
     return UNetConfig(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
                       block_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
-                      attention_levels=tuple(attention[b] for b in down),
+                      attention_levels=tuple(attention), context_dim=context, transformer_depth=depth,
                       num_heads=tuple(heads) if isinstance(heads, list) else (heads,) * len(down),
-                      context_dim=context, transformer_depth=depth,
-                      linear_projection=bool(cfg.get("use_linear_projection", False)),
-                      norm_groups=cfg.get("norm_num_groups", 32), resnet_eps=cfg.get("norm_eps", 1e-5), style=style,
+                      linear_projection=bool(cfg.get("use_linear_projection", False)), style=style,
+                      norm_groups=cfg.get("norm_num_groups", 32), resnet_eps=cfg.get("norm_eps", 1e-5),
                       upcast_attention=bool(cfg.get("upcast_attention", False)))
 
 
 def _vae_config_from_diffusers(cfg: dict, where) -> VAEConfig:
-    _check_fixed(cfg, _VAE_FIXED, where)
-    n = len(cfg["block_out_channels"])
-    if (cfg.get("down_block_types", ["DownEncoderBlock2D"] * n) != ["DownEncoderBlock2D"] * n
-            or cfg.get("up_block_types", ["UpDecoderBlock2D"] * n) != ["UpDecoderBlock2D"] * n):
-        raise CheckpointError(f"{where}: block types {cfg.get('down_block_types')} / {cfg.get('up_block_types')} "
-                              "are not AutoencoderKL's DownEncoderBlock2D / UpDecoderBlock2D")
+    check_fixed(cfg, _VAE_FIXED, where)
+    n, (down, up) = len(cfg["block_out_channels"]), (cfg.get("down_block_types"), cfg.get("up_block_types"))
+    if down not in (None, ["DownEncoderBlock2D"] * n) or up not in (None, ["UpDecoderBlock2D"] * n):
+        raise CheckpointError(f"{where}: block types {down} / {up} are not AutoencoderKL's DownEncoderBlock2D / "
+                              "UpDecoderBlock2D")
     return VAEConfig(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
                      latent_channels=cfg.get("latent_channels", 4), block_channels=tuple(cfg["block_out_channels"]),
                      layers_per_block=cfg.get("layers_per_block", 2), norm_groups=cfg.get("norm_num_groups", 32),
@@ -183,54 +140,31 @@ def _vae_config_from_diffusers(cfg: dict, where) -> VAEConfig:
 def _text_mode(folder: Path, hf_config: dict) -> str:
     """"sd1" (pad with the end token) or "sd2" (pad with 0): the tokenizer's pad token says it; without a tokenizer/
     folder, the activation does (QuickGELU = OpenAI CLIP = SD 1)."""
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / "tokenizer" / name).is_file():
-            pad = read_json(folder / "tokenizer" / name).get("pad_token")
-            pad = pad.get("content") if isinstance(pad, dict) else pad
-            if pad is not None:
-                return "sd1" if pad == "<|endoftext|>" else "sd2"
+    for f in (folder / "tokenizer" / "special_tokens_map.json", folder / "tokenizer" / "tokenizer_config.json"):
+        pad = read_json(f).get("pad_token") if f.is_file() else None
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad is not None:
+            return "sd1" if pad == "<|endoftext|>" else "sd2"
     return "sd1" if hf_config.get("hidden_act") == "quick_gelu" else "sd2"
 
 
-def _component_weights(folder: Path) -> tuple[dict, Path]:
-    """A component's weights: safetensors before .bin, full precision before fp16, shards (*.index.json) merged."""
-    for name in (f"{stem}{variant}{ext}" for ext in (".safetensors", ".bin") for variant in ("", ".fp16")
-                 for stem in ("diffusion_pytorch_model", "model", "pytorch_model")):
-        if (folder / name).is_file():
-            return read_state_dict(folder / name), folder / name
-        if (folder / f"{name}.index.json").is_file():
-            shards = sorted(set(read_json(folder / f"{name}.index.json").get("weight_map", {}).values()))
-            return {k: v for s in shards for k, v in read_state_dict(folder / s).items()}, folder / f"{name}.index.json"
-    raise FileNotFoundError(f"{folder}: no weights (diffusion_pytorch_model / model .safetensors or .bin); "
-                            f"found {sorted(p.name for p in folder.iterdir())}")
-
-
-# Folders from diffusers < 0.14 name the VAE's mid attention query / key / value / proj_attn; diffusers renames them.
-_DIFFUSERS_VAE_RULES = [
+_DIFFUSERS_VAE_RULES = [  # diffusers < 0.14 named the VAE's mid attention query, key, value, proj_attn
     (r"(encoder|decoder)\.mid_block\.attentions\.0\.(query|key|value)\.",
      lambda m: f"{m[1]}.mid_block.attentions.0.to_{m[2][0]}.", None),
     (r"(encoder|decoder)\.mid_block\.attentions\.0\.proj_attn\.", r"\1.mid_block.attentions.0.to_out.0.", None),
-] + _IDENTITY
-
-
-def _translate(file: Path, translate) -> tuple:
-    raw = read_json(file)
-    with naming_errors(file):
-        return raw, translate(raw, file)
+] + IDENTITY
 
 
 def _load_diffusers_folder(folder: Path, prediction_type, style: bool) -> StableDiffusion:
-    missing = [s for s in ("unet", "vae", "text_encoder", "scheduler") if not (folder / s).is_dir()]
-    if missing:
+    if missing := [s for s in ("unet", "vae", "text_encoder", "scheduler") if not (folder / s).is_dir()]:
         raise FileNotFoundError(f"{folder}: a diffusers Stable Diffusion folder needs unet/, vae/, text_encoder/ and "
                                 f"scheduler/; missing {', '.join(s + '/' for s in missing)} "
                                 f"(found {sorted(p.name for p in folder.iterdir())})")
-    unet_raw, unet_cfg = _translate(folder / "unet" / "config.json",
-                                    lambda d, f: _unet_config_from_diffusers(d, f, style))
-    vae_cfg = _translate(folder / "vae" / "config.json", _vae_config_from_diffusers)[1]
-    text_cfg = _translate(folder / "text_encoder" / "config.json",
-                          lambda d, f: text_config_from_hf(d, mode=_text_mode(folder, d)))[1]
-    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    unet_raw, unet_cfg = read_config(folder / "unet/config.json", lambda d, f: _unet_config_from_diffusers(d, f, style))
+    vae_cfg = read_config(folder / "vae/config.json", _vae_config_from_diffusers)[1]
+    text_cfg = read_config(folder / "text_encoder/config.json",
+                           lambda d, f: text_config_from_hf(d, mode=_text_mode(folder, d)))[1]
+    scheduler_file = folder / "scheduler/scheduler_config.json"
     sched = read_json(scheduler_file)
     if sched.get("trained_betas") is not None or sched.get("rescale_betas_zero_snr"):
         raise CheckpointError(f"{scheduler_file}: trained_betas / rescale_betas_zero_snr are not supported")
@@ -242,41 +176,33 @@ def _load_diffusers_folder(folder: Path, prediction_type, style: bool) -> Stable
     with naming_errors(scheduler_file):
         schedule = NoiseSchedule(**{k: sched.get(k, v) for k, v in SD_SCHEDULE.items()},
                                  prediction_type=prediction_type or sched.get("prediction_type", "epsilon"))
-    (unet_sd, unet_file), (vae_sd, vae_file), (text_sd, text_file) = (
-        _component_weights(folder / s) for s in ("unet", "vae", "text_encoder"))
-    with naming_errors(text_file):
-        text_sd = hf_clip_to_open_clip(text_sd)
+
+    def weights():  # a generator: one component's tensors at a time, read after the modules are built
+        tensors, f = read_weights_folder(folder / "unet")
+        yield *apply_rules(tensors, IDENTITY), "U-Net", f, is_style_param
+        tensors, f = read_weights_folder(folder / "vae")
+        yield *apply_rules(tensors, _DIFFUSERS_VAE_RULES), "VAE", f
+        tensors, f = read_weights_folder(folder / "text_encoder")
+        with naming_errors(f):
+            yield *apply_rules(hf_clip_to_open_clip(tensors), IDENTITY), "text encoder", f
     size = unet_raw.get("sample_size", 64)
     return build_stable_diffusion(
-        (unet_cfg, vae_cfg, text_cfg),
-        [(*_apply_rules(unet_sd, _IDENTITY), "U-Net", unet_file, is_style_param),
-         (*_apply_rules(vae_sd, _DIFFUSERS_VAE_RULES), "VAE", vae_file),
-         (*_apply_rules(text_sd, _IDENTITY), "text encoder", text_file)],
-        schedule, folder, scale_factor=vae_cfg.scale_factor,
+        (unet_cfg, vae_cfg, text_cfg), weights(), schedule, folder, scale_factor=vae_cfg.scale_factor,
         image_size=(size[0] if isinstance(size, list) else size) * 2 ** (len(vae_cfg.block_channels) - 1),
         sampler_config={k: sched.get(k, v) for k, v in SD_SAMPLER.items()}, source="diffusers folder", notes=notes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Original single files (ldm layout)
-# ---------------------------------------------------------------------------------------------
+# ---- original single files (ldm layout) ------------------------------------------------------------------------------
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT_PREFIX, SD2_TEXT_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
 # Keys that SD inference does not use (anything else must map to a parameter).
-_LDM_IGNORED = re.compile("|".join([
-    # ldm's DDPM buffers: we recompute the schedule from its parameters (and check `betas` against it)
+_LDM_IGNORED = re.compile("|".join([  # ldm's DDPM buffers (the schedule is recomputed; `betas` checked against it)
     r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
     r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights)",
     r"model_ema\.(decay|num_updates)",                                          # EMA bookkeeping
     r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids",  # a saved arange (SD 1.x)
-    r"cond_stage_model\.model\.(logit_scale|text_projection|attn_mask)",        # CLIP's pooled head (SD 2.x)
-]))
-
-
-def _conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
-    """ldm's VAE attention uses 1x1 convs (C, C, 1, 1); ours (diffusers') are Linear (C, C)."""
-    return t.reshape(t.shape[0], t.shape[1]) if t.ndim > 2 else t
+    r"cond_stage_model\.model\.(logit_scale|text_projection|attn_mask)"]))      # CLIP's pooled head (SD 2.x)
 
 
 # ldm numbers the U-Net's down path as one flat list of input_blocks (0 = conv_in, then per level L x [resnet,
@@ -287,13 +213,8 @@ _UNET_RESNET_NAMES = (("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("
 
 def _ldm_unet_rules(layers_per_block: int) -> list:
     n = layers_per_block + 1  # input blocks per level (resnets + downsampler); output blocks per level
-
-    def down(kind):
-        return lambda m: f"down_blocks.{(int(m[1]) - 1) // n}.{kind}.{(int(m[1]) - 1) % n}."
-
-    def up(kind):
-        return lambda m: f"up_blocks.{int(m[1]) // n}.{kind}.{int(m[1]) % n}."
-
+    down = lambda kind: lambda m: f"down_blocks.{(int(m[1]) - 1) // n}.{kind}.{(int(m[1]) - 1) % n}."  # noqa: E731
+    up = lambda kind: lambda m: f"up_blocks.{int(m[1]) // n}.{kind}.{int(m[1]) % n}."  # noqa: E731
     return [(pattern, repl, None) for pattern, repl in [
         (r"time_embed\.0\.", "time_embedding.linear_1."), (r"time_embed\.2\.", "time_embedding.linear_2."),
         (r"input_blocks\.0\.0\.", "conv_in."),
@@ -309,9 +230,11 @@ def _ldm_unet_rules(layers_per_block: int) -> list:
 def _ldm_vae_rules(levels: int) -> list:
     """The decoder's ldm "up" levels are numbered bottom-up; resnets' nin_shortcut is conv_shortcut (a suffix)."""
     attn, flip = r"(encoder|decoder)\.mid\.attn_1\.", lambda m: levels - 1 - int(m[1])
+    linear = lambda t: t.reshape(t.shape[0], t.shape[1]) if t.ndim > 2 else t  # noqa: E731  1x1 conv -> Linear
     return [
         (r"(encoder|decoder)\.(conv_in|conv_out)\.", r"\1.\2.", None),
-        (r"(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", None), (r"(post_quant_conv|quant_conv)\.", r"\1.", None),
+        (r"(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", None),
+        (r"(post_quant_conv|quant_conv)\.", r"\1.", None),
         (r"encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", None),
         (r"encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv.", None),
         (r"decoder\.up\.(\d+)\.block\.(\d+)\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets.{m[2]}.", None),
@@ -319,14 +242,8 @@ def _ldm_vae_rules(levels: int) -> list:
         (r"(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0.", None),
         (r"(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1.", None),
         (attn + r"norm\.", r"\1.mid_block.attentions.0.group_norm.", None),
-        (attn + r"(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2.", _conv1x1_to_linear),
-        (attn + r"proj_out\.", r"\1.mid_block.attentions.0.to_out.0.", _conv1x1_to_linear)]
-
-
-def _summary(keys) -> str:
-    """'model.diffusion_model (686), first_stage_model (248), ...': the top two name levels and their counts."""
-    counts = Counter(".".join(k.split(".")[:2]) for k in keys)
-    return ", ".join(f"{k} ({n})" for k, n in counts.most_common(8)) + (", ..." if len(counts) > 8 else "")
+        (attn + r"(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2.", linear),
+        (attn + r"proj_out\.", r"\1.mid_block.attentions.0.to_out.0.", linear)]
 
 
 _REFUSED = [
@@ -342,7 +259,8 @@ _REFUSED = [
 
 def _detect_single_file(sd: dict, where) -> str:
     """'sd1' or 'sd2' for an ldm-layout SD file; anything else raises, saying what the file holds."""
-    found = f"found {len(sd)} tensors: {_summary(sd)}"
+    top = Counter(".".join(k.split(".")[:2]) for k in sd).most_common(9)  # 'model.diffusion_model (686), ...'
+    found = f"found {len(sd)} tensors: " + ", ".join(f"{k} ({n})" for k, n in top[:8]) + ", ..." * (len(top) > 8)
     has = lambda pattern: any(re.match(pattern, k) for k in sd)  # noqa: E731
     for pattern, what in _REFUSED:
         if has(pattern):
@@ -370,71 +288,45 @@ def _shape(sd: dict, key: str, where) -> torch.Size:
     return sd[key].shape
 
 
-def _unet_config_from_ldm(sd: dict, kind: str, heads, where, style: bool, upcast: bool) -> UNetConfig:
-    """Heads are not in the shapes: `heads` (one count for every level, or a tuple) or SD's, 8 per level for SD 1.x,
-    64-dim heads for SD 2.x. GroupNorm groups: 32."""
-    n_input = len(_indices(sd, r"input_blocks\.(\d+)\."))
-    ops = _indices(sd, r"input_blocks\.(\d+)\.0\.op\.weight")  # downsamplers close every level but the last
+def _configs_from_ldm(unet_sd: dict, vae_sd: dict, text_sd: dict, kind: str, heads, text_heads, where, style: bool,
+                      upcast: bool) -> tuple[UNetConfig, VAEConfig, TextConfig]:
+    """Sizes from shapes (each part without its prefix, the text tower in open_clip names). Not in the shapes: heads,
+    `heads` (one count for every level, or a tuple) or SD's (SD 1.x 8 per level, SD 2.x 64-dim heads; CLIP text
+    64-dim heads); GroupNorm groups, 32. SD 2.x's text tower is built one block shorter than the file's."""
+    n_input = len(_indices(unet_sd, r"input_blocks\.(\d+)\."))
+    ops = _indices(unet_sd, r"input_blocks\.(\d+)\.0\.op\.weight")  # downsamplers close every level but the last
     L = ops[0] - 1 if ops else n_input - 1  # resnets per level
     levels = n_input // (L + 1) if L >= 0 else 0
     if levels < 1 or n_input != levels * (L + 1):
         raise CheckpointError(f"{where}: the U-Net's input_blocks ({n_input}, downsamplers at {ops}) do not form "
                               "SD's levels of resnets + downsampler")
     first = [1 + b * (L + 1) for b in range(levels)]  # the first input block of each level
-    channels = tuple(_shape(sd, f"input_blocks.{i}.0.out_layers.3.weight", where)[0] for i in first)
+    channels = tuple(_shape(unet_sd, f"input_blocks.{i}.0.out_layers.3.weight", where)[0] for i in first)
     if heads is None:
         heads = (8,) * levels if kind == "sd1" else tuple(max(1, c // 64) for c in channels)
-    return UNetConfig(in_channels=_shape(sd, "input_blocks.0.0.weight", where)[1],
-                      out_channels=_shape(sd, "out.2.weight", where)[0], block_channels=channels, layers_per_block=L,
-                      attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in sd for i in first),
+    unet = UNetConfig(in_channels=_shape(unet_sd, "input_blocks.0.0.weight", where)[1],
+                      out_channels=_shape(unet_sd, "out.2.weight", where)[0], block_channels=channels,
+                      layers_per_block=L, attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in unet_sd
+                                                                 for i in first),
                       num_heads=(heads,) * levels if isinstance(heads, int) else tuple(heads),
-                      context_dim=_shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", where)[1],
-                      transformer_depth=len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
-                      linear_projection=len(_shape(sd, "middle_block.1.proj_in.weight", where)) == 2,
+                      context_dim=_shape(unet_sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", where)[1],
+                      transformer_depth=len(_indices(unet_sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
+                      linear_projection=len(_shape(unet_sd, "middle_block.1.proj_in.weight", where)) == 2,
                       norm_groups=32, style=style, upcast_attention=upcast)
-
-
-def _vae_config_from_ldm(sd: dict, where) -> VAEConfig:
-    levels = len(_indices(sd, r"encoder\.down\.(\d+)\."))
-    return VAEConfig(in_channels=_shape(sd, "encoder.conv_in.weight", where)[1],
-                     out_channels=_shape(sd, "decoder.conv_out.weight", where)[0],
-                     latent_channels=_shape(sd, "post_quant_conv.weight", where)[0],
-                     block_channels=tuple(_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", where)[0]
-                                          for i in range(levels)),
-                     layers_per_block=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")), norm_groups=32)
-
-
-def _text_config_from_ldm(sd: dict, kind: str, heads: int | None, where) -> TextConfig:
-    """The transformers config the shapes amount to; SD 2.x builds one block less than the file has (penultimate)."""
-    if kind == "sd1":
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-        names = ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-                 "encoder.layers.0.mlp.fc1.weight", r"encoder\.layers\.(\d+)\.")
-    else:
-        names = ("token_embedding.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight",
-                 r"transformer\.resblocks\.(\d+)\.")
-    (vocab, width), context, hidden = _shape(sd, names[0], where), _shape(sd, names[1], where)[0], \
-        _shape(sd, names[2], where)[0]
-    return text_config_from_hf(dict(vocab_size=vocab, max_position_embeddings=context, hidden_size=width,
-                                    intermediate_size=hidden, num_attention_heads=heads or max(1, width // 64),
-                                    num_hidden_layers=len(_indices(sd, names[3])) - (kind == "sd2"),
-                                    hidden_act="quick_gelu" if kind == "sd1" else "gelu"), mode=kind)
-
-
-def _schedule_from_betas(sd: dict, where) -> dict:
-    """SD's schedule; when the file stores ldm's `betas`, check they are that schedule (or one with its end points)."""
-    betas = sd.get("betas")
-    if betas is None:
-        return dict(SD_SCHEDULE)
-    tolerance = max(1e-4, 2 * torch.finfo(betas.dtype).eps)  # pruned fp16 files store fp16 betas
-    betas = betas.double()
-    for cand in (dict(SD_SCHEDULE), dict(SD_SCHEDULE, num_train_timesteps=len(betas),
-                                         beta_start=round(float(betas[0]), 8), beta_end=round(float(betas[-1]), 8))):
-        ours = NoiseSchedule(**cand).betas.double()
-        if ours.shape == betas.shape and torch.allclose(ours, betas, rtol=tolerance, atol=1e-8):
-            return cand
-    raise CheckpointError(f"{where}: the stored 'betas' ({len(betas)} steps, {float(betas[0]):.6g} .. "
-                          f"{float(betas[-1]):.6g}) are not a scaled_linear schedule; not an SD 1.x / 2.x file")
+    vae = VAEConfig(in_channels=_shape(vae_sd, "encoder.conv_in.weight", where)[1],
+                    out_channels=_shape(vae_sd, "decoder.conv_out.weight", where)[0],
+                    latent_channels=_shape(vae_sd, "post_quant_conv.weight", where)[0],
+                    block_channels=tuple(_shape(vae_sd, f"encoder.down.{i}.block.0.conv2.weight", where)[0]
+                                         for i in range(len(_indices(vae_sd, r"encoder\.down\.(\d+)\.")))),
+                    layers_per_block=len(_indices(vae_sd, r"encoder\.down\.0\.block\.(\d+)\.")), norm_groups=32)
+    (vocab, width), hidden = _shape(text_sd, "token_embedding.weight", where), \
+        _shape(text_sd, "transformer.resblocks.0.mlp.c_fc.weight", where)[0]
+    text = text_config_from_hf(dict(
+        vocab_size=vocab, max_position_embeddings=_shape(text_sd, "positional_embedding", where)[0], hidden_size=width,
+        intermediate_size=hidden, num_attention_heads=text_heads or max(1, width // 64),
+        num_hidden_layers=len(_indices(text_sd, r"transformer\.resblocks\.(\d+)\.")) - (kind == "sd2"),
+        hidden_act="quick_gelu" if kind == "sd1" else "gelu"), mode=kind)
+    return unet, vae, text
 
 
 def from_ldm_state_dict(sd: dict, path="state dict", prediction_type: str | None = None, use_ema: bool = True,
@@ -446,15 +338,13 @@ def from_ldm_state_dict(sd: dict, path="state dict", prediction_type: str | None
     ignored, notes = set(listed), []
     # EMA: ldm keeps a copy of the U-Net under model_ema.<key without 'model.' and without dots>.
     ema = sorted(k for k in sd if k.startswith("model_ema.") and k not in ignored)
-    unet_keys = [k for k in sd if k.startswith(UNET_PREFIX)]
-    source = {k: k for k in unet_keys}
+    source = {k: k for k in sd if k.startswith(UNET_PREFIX)}
     if ema and use_ema:
-        source = {k: "model_ema." + k[len("model."):].replace(".", "") for k in unet_keys}
-        lacking = [k for k, e in source.items() if e not in sd]
-        if lacking:
+        ignored |= set(source)
+        source = {k: "model_ema." + k[len("model."):].replace(".", "") for k in source}
+        if lacking := [k for k, e in source.items() if e not in sd]:
             raise CheckpointError(f"{path}: has EMA weights (model_ema.*) but none for {len(lacking)} U-Net keys, "
                                   f"e.g. {lacking[:3]}; load with use_ema=False")
-        ignored |= set(unet_keys)
         notes.append(f"U-Net: EMA weights ({len(source)} model_ema.* tensors); the raw weights are ignored")
     elif ema:
         ignored |= set(ema)
@@ -463,23 +353,19 @@ def from_ldm_state_dict(sd: dict, path="state dict", prediction_type: str | None
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX) and k not in ignored}
     text_sd = {k[len(text_prefix):]: v for k, v in sd.items() if k.startswith(text_prefix) and k not in ignored}
     used = set(source.values()) | {VAE_PREFIX + k for k in vae_sd} | {text_prefix + k for k in text_sd}
-    stray = sorted(k for k in sd if k not in used and k not in ignored)
-    if stray:
+    if stray := sorted(k for k in sd if k not in used and k not in ignored):
         raise CheckpointError(f"{path}: keys outside the U-Net, VAE and text encoder that are not on the ignore "
                               f"list:\n" + key_listing("unexpected keys", stray))
-    # Sizes from shapes; what shapes cannot tell from arguments or the documented SD defaults.
-    if prediction_type is None:
+    if prediction_type is None:  # what shapes cannot tell: arguments, or the documented SD defaults
         prediction_type = "epsilon" if kind == "sd1" else "v_prediction"
         notes.append(f"prediction type: not stored in single files; {prediction_type} is the SD "
                      f"{'1.x' if kind == 'sd1' else '2.x (768-v)'} default; pass prediction_type= to change it")
     upcast = kind == "sd2" and prediction_type == "v_prediction"  # SD 2.x-v overflows fp16 attention otherwise
     with naming_errors(path):
-        text_cfg = _text_config_from_ldm(text_sd, kind, text_heads, path)
-        unet_cfg = _unet_config_from_ldm(unet_sd, kind, unet_heads, path, style, upcast)
-        vae_cfg = _vae_config_from_ldm(vae_sd, path)
-        if kind == "sd1":
-            text_sd = hf_clip_to_open_clip(text_sd)  # q/k/v -> in_proj; transformers -> open_clip names
-    if kind == "sd2":  # open_clip names already; SD 2.x runs the penultimate block, the last one is unused
+        text_sd = hf_clip_to_open_clip(text_sd) if kind == "sd1" else text_sd  # q/k/v -> in_proj, open_clip names
+        unet_cfg, vae_cfg, text_cfg = _configs_from_ldm(unet_sd, vae_sd, text_sd, kind, unet_heads, text_heads, path,
+                                                        style, upcast)
+    if kind == "sd2":  # SD 2.x runs the penultimate block; the last one is unused
         text_sd = {k: v for k, v in text_sd.items() if not k.startswith(f"transformer.resblocks.{text_cfg.layers}.")}
         notes.append(f"text encoder: block {text_cfg.layers} of {text_cfg.layers + 1} ignored (SD 2.x uses the "
                      "penultimate layer)")
@@ -487,33 +373,24 @@ def from_ldm_state_dict(sd: dict, path="state dict", prediction_type: str | None
     version = "SD 1.x, OpenAI CLIP text" if kind == "sd1" else "SD 2.x, OpenCLIP text"
     return build_stable_diffusion(
         (unet_cfg, vae_cfg, text_cfg),
-        [(*_apply_rules(unet_sd, _ldm_unet_rules(unet_cfg.layers_per_block), _UNET_RESNET_NAMES),
+        [(*apply_rules(unet_sd, _ldm_unet_rules(unet_cfg.layers_per_block), _UNET_RESNET_NAMES),
           f"U-Net ({UNET_PREFIX}*)", path, is_style_param),
-         (*_apply_rules(vae_sd, _ldm_vae_rules(len(vae_cfg.block_channels)), (("nin_shortcut.", "conv_shortcut."),)),
+         (*apply_rules(vae_sd, _ldm_vae_rules(len(vae_cfg.block_channels)), (("nin_shortcut.", "conv_shortcut."),)),
           f"VAE ({VAE_PREFIX}*)", path),
-         (*_apply_rules(text_sd, _IDENTITY), f"text encoder ({text_prefix}*)", path)],
-        NoiseSchedule(**_schedule_from_betas(sd, path), prediction_type=prediction_type), path,
+         (*apply_rules(text_sd, IDENTITY), f"text encoder ({text_prefix}*)", path)],
+        NoiseSchedule(**schedule_from_betas(sd, path), prediction_type=prediction_type), path,
         scale_factor=vae_cfg.scale_factor, image_size=768 if upcast else 512, sampler_config=dict(SD_SAMPLER),
         source=f"single file ({version})", notes=notes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Any source; the command line
-# ---------------------------------------------------------------------------------------------
+# ---- any source; the command line ------------------------------------------------------------------------------------
 def load_stable_diffusion(path, prediction_type: str | None = None, use_ema: bool = True,
                           dtype: torch.dtype = torch.float32, style: bool | None = None,
                           unet_heads: int | tuple | None = None, text_heads: int | None = None) -> StableDiffusion:
-    """SD 1.x / 2.x from a diffusers folder, an original single file or our own folder; every module on the CPU, in
-    eval mode, in `dtype`.
-
-    prediction_type: "epsilon" or "v_prediction" overrides the source (single files cannot store it: SD 1.x files
-        default to epsilon, SD 2.x files to v_prediction).
-    use_ema: single files with EMA weights (model_ema.*): load those (True) or the raw weights (False).
-    style: build the U-Net with the CLUE style cross-attention (from the source where it has it, else the
-        zero-initialised branch); None = as stored (our format) or without (public SD weights).
-    unet_heads, text_heads: single files only, what shapes cannot tell (defaults: 8 heads per level for SD 1.x,
-        64-dim heads for SD 2.x and for both CLIP text towers).
-    """
+    """SD 1.x / 2.x from any source above, on the CPU in eval mode. prediction_type overrides the source's (single
+    files cannot store it: SD 1.x epsilon, SD 2.x v_prediction); use_ema: a single file's EMA U-Net or its raw one;
+    style: the U-Net with the CLUE style branch (the source's, else zero-initialised), None = as stored (ours) or
+    without (public weights); unet_heads, text_heads: single files (default SD 1.x 8 per level, else 64-dim heads)."""
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} or None, got {prediction_type!r}")
@@ -539,10 +416,8 @@ def load_stable_diffusion(path, prediction_type: str | None = None, use_ema: boo
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
-        description="Convert Stable Diffusion 1.x / 2.x weights (a diffusers folder, an original single .safetensors /\n"
-                    ".ckpt file, or a folder of ours, CLUE checkpoints included) into this project's format:\n"
-                    "OUT_DIR/config.json + OUT_DIR/model.safetensors, which load_stable_diffusion and sample.py read.\n"
-                    "Prints what it found (SD 1.x / 2.x, EMA, ignored keys) and the parameter counts.",
+        description="Convert SD 1.x / 2.x weights (a diffusers folder, an original .safetensors / .ckpt file or a\n"
+                    "folder of ours, CLUE checkpoints included) into ours: OUT_DIR/config.json + model.safetensors.",
         epilog="example:  python convert.py v2-1_768-ema-pruned.safetensors runs/sd21 --half\n"
                "          python convert.py ./stable-diffusion-v1-5 runs/sd15",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -556,16 +431,14 @@ def main(argv=None) -> None:
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
     a = p.parse_args(argv)
     out, dtype = Path(a.out_dir), torch.float16 if a.half else None
-    if out.exists() and not out.is_dir():
+    if out.exists() and not out.is_dir():  # checked before the (long) read
         raise cli.UsageError(f"{out}: exists and is not a folder; OUT_DIR must be a new or an existing folder")
     sd = load_stable_diffusion(a.src, prediction_type=a.prediction_type, use_ema=not a.no_ema)
     if "clue" in sd.extra_config:  # a CLUE checkpoint: rebuilt and checked as one, so that what is written loads
         save_clue(as_clue(sd, a.src), out, sd.extra_config.get("train"), dtype)
     else:
         save_stable_diffusion(sd, out, dtype=dtype)
-    print(f"read      {a.src}: {sd.source}")
-    for note in sd.notes:
-        print(f"          {note}")
+    print(f"read      {a.src}: {sd.source}", *(f"          {note}" for note in sd.notes), sep="\n")
     for name, module in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
         print(f"{name:<13} {sum(p.numel() for p in module.parameters()) / 1e6:9.2f} M parameters")
     print(f"prediction {sd.prediction_type}, scale factor {sd.scale_factor}, image size {sd.image_size}")

@@ -1,0 +1,214 @@
+"""Bad files at the disk layer (checkpoint.py, convert.py): every one is refused with a CheckpointError (a ValueError)
+naming the file and the key, and `python convert.py` turns it into one line and exit code 2, never a traceback.
+Old folders (format version 1 without "kind") still load."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+import convert
+from checkpoint import (CheckpointError, config_from_dict, load_clue, read_checkpoint, read_state_dict, save_clue,
+                        write_checkpoint)
+from clue import CLUEConfig
+from convert import load_stable_diffusion
+from test_clue import small_clue
+from unet import UNetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clue_dir(tmp_path_factory):
+    """A tiny CLUE checkpoint with a style posterior for one class."""
+    model = small_clue()
+    k, d = model.style_encoder.cfg.tokens, model.unet.cfg.context_dim
+    model.style_posterior["zero"] = {"prompt": "a picture of zero", "mean": torch.randn(k, d), "var": torch.ones(k, d),
+                                     "factors": torch.randn(k * d, 2), "psi": torch.ones(k * d),
+                                     "mus": torch.randn(3, k, d)}
+    folder = tmp_path_factory.mktemp("clue") / "ckpt"
+    save_clue(model, folder, extra={"steps": 1})
+    return folder
+
+
+def edited(clue_dir, tmp_path, edit) -> Path:
+    """A copy of the checkpoint whose config.json is edit(config) (or, given a string, that text)."""
+    folder = shutil.copytree(clue_dir, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    new = edit(config) if callable(edit) else edit
+    (folder / "config.json").write_text(new if isinstance(new, str) else json.dumps(config if new is None else new))
+    return folder
+
+
+def run_convert(capsys, *argv) -> str:
+    """convert.py's main as the command line runs it: the one-line message on stderr, exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(convert.main, [str(a) for a in argv], "convert.py")
+    err = capsys.readouterr().err
+    print(err)
+    assert e.value.code == 2 and "Traceback" not in err and err.startswith("convert.py: error: ")
+    return err
+
+
+def test_round_trip_and_convert_of_a_good_clue_checkpoint(clue_dir, tmp_path, capsys):
+    back = load_clue(clue_dir)
+    assert back.train_config == {"steps": 1} and list(back.style_posterior) == ["zero"]
+    convert.main([str(clue_dir), str(tmp_path / "out"), "--half"])  # a CLUE folder is rebuilt and checked as one
+    again = load_clue(tmp_path / "out")
+    assert again.train_config == {"steps": 1} and again.style_posterior["zero"]["prompt"] == "a picture of zero"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["kind"] == "clue"
+    assert torch.equal(again.style_posterior["zero"]["mus"], back.style_posterior["zero"]["mus"].half().float())
+
+
+def test_old_folder_without_kind_still_loads(clue_dir, tmp_path):
+    """Folders written before "kind" existed: format version 1, no "kind" key."""
+    folder = edited(clue_dir, tmp_path, lambda c: {k: v for k, v in c.items() if k != "kind"})
+    assert "kind" not in json.loads((folder / "config.json").read_text())
+    assert load_clue(folder).style_posterior["zero"]["prompt"] == "a picture of zero"
+    assert load_stable_diffusion(folder).unet.cfg.style
+
+
+def set_in(section, key, value):
+    def edit(config):
+        config[section][key] = value
+    return edit
+
+
+BROKEN_CONFIGS = {  # what is broken -> what the message says (after the file's name)
+    "in_channels '4'": (set_in("unet", "in_channels", "4"), r"\[unet\] in_channels: expected an integer, got '4'"),
+    "block_channels 64": (set_in("unet", "block_channels", 64), r"\[unet\] block_channels: expected a list, got 64"),
+    "num_heads [8, 'x']": (set_in("unet", "num_heads", [8, "x"]), r"\[unet\] num_heads\[1\]: expected an integer"),
+    "style 1": (set_in("unet", "style", 1), r"\[unet\] style: expected true or false, got 1"),
+    "beta 'big'": (set_in("clue", "beta", "big"), r"\[clue\] beta: expected a number, got 'big'"),
+    "min_snr_gamma '5'": (set_in("clue", "min_snr_gamma", "5"), r"\[clue\] min_snr_gamma: expected a number"),
+    "unknown field": (set_in("vae", "colour", 3), r"\[vae\]: unknown VAEConfig fields \['colour'\]"),
+    "heads 0": (set_in("unet", "num_heads", [0, 0]), r"\[unet\]: .*"),
+    "a JSON list": (lambda c: [c], r"expected a JSON object, got a list"),
+    "invalid JSON": ('{"format": "clue-pytorch", ', r"not valid JSON"),
+    "no schedule": (lambda c: {k: v for k, v in c.items() if k != "schedule"}, r"missing the schedule section"),
+    "schedule a string": (lambda c: {**c, "schedule": "x"}, r"\[schedule\]: expected a JSON object"),
+    "image_size 'big'": (lambda c: {**c, "image_size": "big"}, r"image_size: expected an integer"),
+    "clue a string": (lambda c: {**c, "clue": "x"}, r"\[clue\]: expected a JSON object \(CLUEConfig fields\)"),
+    "no style section": (lambda c: {**c, "style": None}, r"unet.style is True but the style section is missing"),
+    "style a list": (lambda c: {**c, "style": [1]}, r"\[style\]: expected a JSON object"),
+    "posterior a string": (lambda c: {**c, "style_posterior": "x"}, r"\[style_posterior\]: expected a JSON object"),
+    "posterior classes": (set_in("style_posterior", "classes", "zero"), r"posterior\] classes: expected a list"),
+    "posterior prompts": (set_in("style_posterior", "prompts", []), r"1 classes but 0 prompts"),
+    "kind": (lambda c: {**c, "kind": "classifier"}, r"holds a 'classifier' checkpoint, expected 'stable_diffusion'"),
+    "version": (lambda c: {**c, "version": 7}, r"format version 7 is not one this code reads"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_CONFIGS))
+def test_broken_config_is_named(clue_dir, tmp_path, capsys, case):
+    edit, message = BROKEN_CONFIGS[case]
+    folder = edited(clue_dir, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / 'config.json'))}.*{message}") as e:
+        load_clue(folder)
+    print(e.value)
+    # convert.py refuses to copy it through (what it would write could not be loaded): one line, exit code 2
+    err = run_convert(capsys, folder, tmp_path / "out")
+    assert str(folder / "config.json") in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_missing_posterior_tensors_are_named(clue_dir, tmp_path, capsys):
+    folder = shutil.copytree(clue_dir, tmp_path / "ckpt")
+    config, tensors = read_checkpoint(folder)
+    write_checkpoint(folder, "clue", {k: v for k, v in config.items() if k not in ("format", "version", "kind")},
+                     {k: v for k, v in tensors.items() if k != "style_posterior.0.psi"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the style posterior of class 'zero' lacks tensors "
+                                              r"\['style_posterior.0.psi'\]; refit it"):
+        load_clue(folder)
+    assert "style_posterior.0.psi" in run_convert(capsys, folder, tmp_path / "out")
+
+
+def test_stored_style_layers_must_be_in_the_file(clue_dir, tmp_path):
+    """The config says the U-Net has style layers: the audit does not let them keep their initialisation."""
+    folder = shutil.copytree(clue_dir, tmp_path / "ckpt")
+    config, tensors = read_checkpoint(folder)
+    write_checkpoint(folder, "clue", {k: v for k, v in config.items() if k not in ("format", "version", "kind")},
+                     {k: v for k, v in tensors.items() if "attn_style.to_q" not in k})
+    with pytest.raises(CheckpointError, match=r"(?s)model.safetensors: the U-Net \(unet.\*\) weights do not match.*"
+                                              r"parameters of ours with no source key.*attn_style.to_q.weight"):
+        load_clue(folder)
+
+
+def test_config_from_dict_checks_every_type():
+    assert config_from_dict(CLUEConfig, {"min_snr_gamma": None, "beta": 1}, "x") == CLUEConfig(beta=1)
+    assert config_from_dict(UNetConfig, {"attention_levels": [True, False], "block_channels": [32, 64],
+                                         "num_heads": [1, 2]}, "x").attention_levels == (True, False)
+    for d, message in (({"attention_levels": [1, 0]}, r"x attention_levels\[0\]: expected true or false"),
+                       ({"resnet_eps": "1e-5"}, r"x resnet_eps: expected a number, got '1e-5'"),
+                       ({"context_dim": 64.0}, r"x context_dim: expected an integer, got 64.0"),
+                       ("unet", r"x: expected a JSON object \(UNetConfig fields\), got 'unet'")):
+        with pytest.raises(CheckpointError, match=message):
+            config_from_dict(UNetConfig, d, "x")
+
+
+# ------------------------------------------------------------------------------ files that are not what they say
+class Custom:
+    """A class a pickle names: torch.load(weights_only=True) refuses to build it, so its code never runs."""
+    def __init__(self):
+        self.x = 1
+
+    def __setstate__(self, state):
+        print("this must never run")
+
+
+def test_pickle_with_code_is_refused_with_the_reason(tmp_path, capsys):
+    f = tmp_path / "model.ckpt"  # the legacy (non-zip) format and today's zip format, both holding an object
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "callback": Custom()}, f, _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "callback": Custom()}, tmp_path / "zip.ckpt")
+    for path in (f, tmp_path / "zip.ckpt"):
+        with pytest.raises(CheckpointError) as e:
+            read_state_dict(path)
+        msg = str(e.value)
+        print(msg)
+        assert msg.startswith(f"{path}: holds pickled Python objects beyond tensors") and "nothing in it was run" in msg
+        assert "safetensors with a tool you trust" in msg and "weights_only=False" not in msg
+    assert "this must never run" not in capsys.readouterr().out
+    err = run_convert(capsys, f, tmp_path / "out")
+    assert "nothing in it was run" in err and "weights_only=False" not in err
+
+
+def test_out_dir_that_is_a_file(clue_dir, tmp_path):
+    """The real command line: one line on stderr, exit code 2, no traceback."""
+    (tmp_path / "taken").write_text("x")
+    r = subprocess.run([sys.executable, "convert.py", str(clue_dir), str(tmp_path / "taken")], cwd=ROOT,
+                       capture_output=True, text=True)
+    print(r.stderr)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"convert.py: error: {tmp_path / 'taken'}: exists and is not a folder; OUT_DIR must " \
+                               "be a new or an existing folder"
+    r = subprocess.run([sys.executable, "convert.py", str(tmp_path / "nowhere"), str(tmp_path / "o"),
+                        "--prediction-type", "x"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--prediction-type: invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------ read_checkpoint: what resume relies on
+STATE = dict(json_name="training_state.json", tensors_name="training_state.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncated tensors", "broken json", "json list", "json empty", "tensors missing"])
+def test_read_checkpoint_names_the_broken_file(tmp_path, damage):
+    write_checkpoint(tmp_path, "training_state", {"step": 3}, {"adam.m": torch.randn(64, 64)}, **STATE)
+    assert read_checkpoint(tmp_path, "training_state", **STATE)[0]["step"] == 3
+    tensors, config = tmp_path / STATE["tensors_name"], tmp_path / STATE["json_name"]
+    if damage == "truncated tensors":
+        tensors.write_bytes(tensors.read_bytes()[:1000])
+    elif damage == "tensors missing":
+        tensors.unlink()
+    else:
+        config.write_text({"broken json": '{"format": "clue-pytorch", "step": ', "json list": "[1, 2]",
+                           "json empty": ""}[damage])
+    bad = tensors if "tensors" in damage else config
+    with pytest.raises(FileNotFoundError if damage == "tensors missing" else CheckpointError,
+                       match=rf"^{re.escape(str(bad))}: ") as e:
+        read_checkpoint(tmp_path, "training_state", **STATE)
+    print(e.value)
