@@ -5,10 +5,9 @@ feed a second cross-attention layer; the objective is `CLUE.loss` (clue.py). Thi
   --model PATH   fine-tune SD: VAE and text encoder frozen, U-Net + style encoder + style attention trained;
   --preset tiny  from scratch: phase 1 trains a tiny VAE (training_state.train_vae), phase 2 everything else
                  (--no-train-text-encoder keeps the random text features, which tell fixed-format prompts apart).
-AdamW (Loshchilov & Hutter 2019), linear warm-up then cosine or constant LR, gradient clipping and accumulation,
-an EMA of the weights (for samples, diagnostics and the saved model), autocast on GPU (GradScaler for fp16);
-torchrun launches DistributedDataParallel, rank 0 writes every file. Checkpoints (training_state.py) let
-`--resume` continue bit-exactly on CPU. Left out: LoRA, prior preservation, multi-node launch helpers.
+AdamW (Loshchilov & Hutter 2019), warm-up then cosine or constant LR, gradient clipping and accumulation, an EMA
+of the weights (for samples, diagnostics, the saved model), autocast on GPU; torchrun: DistributedDataParallel, rank
+0 writes every file; `--resume` continues bit-exactly on CPU. Left out: LoRA, prior preservation, multi-node.
 """
 from __future__ import annotations
 
@@ -31,10 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import cli
 from checkpoint import atomic_write_json, save_clue
 from cli import (UsageError, comma_list, finite_float, non_negative_float, non_negative_int, positive_float,
-                 positive_int, probability)
+                 positive_int, probability, run)
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice
 from convert import load_stable_diffusion
 from data import ClassFolderDataset, DataError, default_prompt_template, make_grid, resolve_data
@@ -42,22 +40,19 @@ from schedulers import PREDICTION_TYPES
 from style_encoder import StyleConfig
 from text_encoder import TextConfig
 from training_state import (EMA, BatchStream, Objective, TrainingDiverged, TrainingState, all_reduce_sum,
-                            append_jsonl, barrier, check_weights, diverged, find_checkpoint, load_vae, lr_factor,
+                            append_jsonl, barrier, find_checkpoint, list_checkpoints, load_vae, lr_factor,
                             param_checksum, plot_curves, read_jsonl, restore, rng_preserved, save_checkpoint,
                             seed_everything, setup_distributed, train_vae, write_folder_atomically)
 from unet import UNetConfig, is_style_param
 
-EXAMPLES = """examples:
-  # the demo (what demo.sh runs): a tiny CLUE on scikit-learn's digits, from scratch, on a CPU
+EXAMPLES = """examples (the first is demo.sh: a tiny CLUE on scikit-learn's digits, from scratch, on a CPU):
   python train.py --data digits --preset tiny --output runs/demo
-  # CLUE on your own class folders, fine-tuning Stable Diffusion 2.1-base (any format convert.py reads)
+  python train.py --data digits --preset tiny --output runs/demo --resume latest   # go on from the newest checkpoint
+  torchrun --nproc_per_node 2 train.py --data digits --preset tiny --output runs/ddp  # 2 GPUs (or CPU processes)
+  # CLUE on your own class folders, fine-tuning Stable Diffusion 2.1-base (any format convert.py reads), and the
+  # vanilla fine-tuning baseline (the same run without the style branch)
   python train.py --data ears/ --model sd21-base/ --prompt "an otoscopic image of {class}" --mixed-precision bf16
-  # the vanilla fine-tuning baseline: the same run without the style branch
   python train.py --data ears/ --model sd21-base/ --style-tokens 0 --output runs/ears_vanilla
-  # continue an interrupted run from its newest intact checkpoint (the same arguments + --resume)
-  python train.py --data digits --preset tiny --output runs/demo --resume latest
-  # two GPUs (or two CPU processes talking gloo)
-  torchrun --nproc_per_node 2 train.py --data digits --preset tiny --output runs/ddp
 """
 
 
@@ -72,20 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="folder with one subfolder of images per class, or 'digits'")
-    g.add_argument("--prompt", help="prompt template with {class} (default: 'a handwritten digit {class}' for "
-                   "digits, else 'an otoscopic image of {class}')")
+    g.add_argument("--prompt", help="template with {class} (default: 'a handwritten digit {class}' for digits)")
     g.add_argument("--resolution", type=positive_int, help="image size in pixels (default: 32 tiny, 512 SD)")
     g.add_argument("--limit-per-class", type=positive_int, help="keep N images per class (seeded; few-shot)")
     g.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
     g.add_argument("--flip", action="store_true", help="random horizontal flips (off: they change digits)")
-    g.add_argument("--val-data", help="held-out class folder for the diagnostics (default: digits:test for digits, "
-                   "else the training images)")
+    g.add_argument("--val-data", help="held-out images for the diagnostics (default: digits:test, or --data)")
     g.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loader processes (0: exact resume)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="Stable Diffusion weights to fine-tune (any format convert.py reads)")
     g.add_argument("--preset", choices=("tiny",), help="train a tiny model from scratch instead")
-    g.add_argument("--prediction-type", choices=PREDICTION_TYPES,
-                   help="for single SD files (see convert.py) and for --preset tiny (default v_prediction)")
+    g.add_argument("--prediction-type", choices=PREDICTION_TYPES, help="single SD files, --preset tiny (v_prediction)")
     g.add_argument("--vae", help="tiny preset: reuse this trained VAE folder instead of phase 1")
     g.add_argument("--style-tokens", type=non_negative_int, default=4, help="K style tokens; 0 = vanilla baseline")
     g.add_argument("--style-width", type=positive_int, help="style encoder width (default: its preset)")
@@ -101,16 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gamma", type=non_negative_float, default=0.2, help="weight of |KL - C| in capacity mode")
     g.add_argument("--capacity", type=non_negative_float, default=0.1, help="target KL C, nats per style dimension")
     g.add_argument("--capacity-ramp-steps", type=non_negative_int, help="C ramps up over these (default steps/2)")
-    g.add_argument("--mmd-weight", type=non_negative_float, default=0.1,
-                   help="lambda: weight of MMD^2(aggregated posterior, N(0, I)) per style dimension, which keeps "
-                        "prior draws at tau 1 on the styles of the data (StyleEncoder.prior_mmd; 0: off)")
+    g.add_argument("--mmd-weight", type=non_negative_float, default=0.1, help="lambda of MMD^2(q(s), N(0, I)) (0: off)")
     g.add_argument("--min-snr-gamma", type=positive_float, help="min-SNR loss weighting (5.0 is common)")
     g.add_argument("--text-dropout", type=probability, default=0.1, help="p(prompt -> '') for guidance")
     g.add_argument("--style-dropout", type=probability, default=0.1, help="p(style branch skipped)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=positive_int, help="optimizer steps (default: 2000 tiny, 10000 SD)")
-    g.add_argument("--batch-size", type=positive_int, help="images per process and micro-batch (default: 32 tiny, "
-                   "4 SD)")
+    g.add_argument("--batch-size", type=positive_int, help="per process and micro-batch (default: 32 tiny, 4 SD)")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-3 tiny, 1e-5 SD)")
     g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
@@ -134,16 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--sample-every", type=non_negative_int, default=500, help="sample grid every N steps (0: end only)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=500, help="checkpoint every N steps (0: end)")
     g.add_argument("--checkpoints-total-limit", type=positive_int, default=3, help="keep the newest N checkpoints")
-    g.add_argument("--resume", nargs="?", const="latest",
-                   help="continue from a checkpoint folder, or 'latest': the newest intact one in --output")
+    g.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or latest (newest intact)")
     g.add_argument("--grid-taus", type=comma_list(non_negative_float), default="0,1,1,1,1,1,2,3",
-                   help="grid columns: style temperature tau of each prior draw s ~ N(0, tau^2 I) (fixed seeds; "
-                        "vanilla: columns are noise seeds)")
+                   help="grid columns: tau of each prior draw s ~ N(0, tau^2 I) (vanilla: one noise seed each)")
     g.add_argument("--grid-steps", type=positive_int, default=25, help="DDIM steps of the grid")
     g.add_argument("--guidance", type=finite_float, default=3.0, help="text guidance scale of the grid")
     g.add_argument("--diag-images", type=positive_int, default=400, help="held-out images for the diagnostics")
-    g.add_argument("--dump-param-checksum", action="store_true",
-                   help="testing: every rank writes a checksum of its parameters (replicas must agree)")
+    g.add_argument("--dump-param-checksum", action="store_true", help="testing: every rank writes its weights' hash")
     a = p.parse_args(argv)
     if (a.model is None) == (a.preset is None):
         p.error("give exactly one of --model PATH (fine-tune SD) or --preset tiny (from scratch)")
@@ -173,30 +159,25 @@ def build_dataset(flag: str, data_arg, template, args, limit=None) -> ClassFolde
 
 def build_model(args, dataset, rank, world, device, output: Path) -> CLUE:
     """A fresh CLUE: on converted SD weights (--model) or the tiny preset (phase 1 VAE + random rest)."""
-    objective = dict(kl_mode=args.kl_mode, beta=args.beta, beta_warmup_steps=args.beta_warmup_steps,
-                     gamma=args.gamma, capacity=args.capacity, capacity_ramp_steps=args.capacity_ramp_steps,
-                     mmd_weight=args.mmd_weight, min_snr_gamma=args.min_snr_gamma, text_dropout=args.text_dropout,
-                     style_dropout=args.style_dropout, image_size=args.resolution)
-    sizes = {k: v for k, v in (("width", args.style_width), ("layers", args.style_layers)) if v}
-
-    def style(base):
-        return replace(base, tokens=args.style_tokens, **sizes) if args.style_tokens > 0 else None
+    objective = {k: getattr(args, k) for k in ("kl_mode", "beta", "beta_warmup_steps", "gamma", "capacity",
+                 "capacity_ramp_steps", "mmd_weight", "min_snr_gamma", "text_dropout", "style_dropout")}
+    objective["image_size"] = args.resolution
+    sizes = {k: v for k, v in (("tokens", args.style_tokens), ("width", args.style_width),
+                               ("layers", args.style_layers)) if v}  # --style-tokens 0: no style branch (vanilla)
     if args.model:
         sd = load_stable_diffusion(args.model, prediction_type=args.prediction_type)
-        base = replace(StyleConfig.sd(sd.unet.cfg.context_dim), latent_channels=sd.unet.cfg.in_channels)
+        style = replace(StyleConfig.sd(sd.unet.cfg.context_dim), latent_channels=sd.unet.cfg.in_channels, **sizes)
         seed_everything(args.seed)
-        return CLUE.from_stable_diffusion(sd, style(base), CLUEConfig(**objective))
+        return CLUE.from_stable_diffusion(sd, style if args.style_tokens else None, CLUEConfig(**objective))
     vae = load_vae(args.vae) if args.vae else train_vae(args, dataset, rank, world, device, output)
-    unet = UNetConfig.tiny()
-    if args.unet_channels:
-        widths = tuple(int(c) for c in args.unet_channels.split(","))
-        unet = UNetConfig.tiny(block_channels=widths, attention_levels=(True,) * len(widths),
-                               num_heads=(4,) * len(widths))
+    widths = tuple(int(c) for c in args.unet_channels.split(",")) if args.unet_channels else None
+    unet = UNetConfig.tiny(block_channels=widths, attention_levels=(True,) * len(widths),
+                           num_heads=(4,) * len(widths)) if widths else UNetConfig.tiny()
     seed_everything(args.seed)
-    # v-prediction by default (as SD 2.1, the paper's base): at high noise the v target is nearly -x0, exactly
-    # what a style describes; on digits the encoder's style then lowers the held-out loss ~30 % (eps: ~7 %)
+    # v-prediction by default (SD 2.1's, the paper's base): at high noise the v target is nearly -x0, what a style says
     objective.update(scale_factor=vae.cfg.scale_factor, prediction_type=args.prediction_type or "v_prediction")
-    clue = CLUE.from_config(unet=unet, vae=vae.cfg, text=TextConfig.tiny(), style=style(StyleConfig.tiny()),
+    style = replace(StyleConfig.tiny(), **sizes) if args.style_tokens else None
+    clue = CLUE.from_config(unet=unet, vae=vae.cfg, text=TextConfig.tiny(), style=style,
                             clue=CLUEConfig.tiny(**objective))
     clue.vae.load_state_dict(vae.state_dict())
     return clue
@@ -228,13 +209,27 @@ def setup_training(clue, args, dataset, rank, world, device) -> tuple[nn.Module,
     ema = EMA(trainable, args.ema_decay) if args.ema_decay > 0 else None
     stream = BatchStream(dataset, args.batch_size, rank, world, args.seed, args.num_workers)
     if rank == 0:
-        print(f"model: {sum(p.numel() for p in clue.parameters()) / 1e6:.2f} M parameters, "
-              f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f} M trained; style tokens {args.style_tokens}; "
-              f"{world} process(es) on {device}")
+        total, trained = (sum(p.numel() for p in ps) / 1e6 for ps in (clue.parameters(), trainable.values()))
+        print(f"model: {total:.2f} M parameters, {trained:.2f} M trained; style tokens {args.style_tokens}; {world} "
+              f"process(es) on {device}")
     return net, TrainingState(clue, trainable, opt, sched, scaler, ema, stream, rank, world, device)
 
 
 # ------------------------------------------------------------------------------------ the step, samples, side work
+def diverged(step: int, what: str, output: Path) -> TrainingDiverged:
+    return TrainingDiverged(f"step {step}: {what}. Training stopped; nothing was written for this state. Last good "
+                            f"checkpoint: {(list_checkpoints(output) or ['none'])[-1]}. Try a lower --lr, "
+                            "--max-grad-norm 1, fp32/bf16 instead of fp16, or check the data.")
+
+
+def check_weights(state: TrainingState, step: int, output: Path):
+    """Every trained tensor finite (one device sync): checked before anything is logged, sampled or saved."""
+    if not torch.stack([p.isfinite().all() for p in state.trainable.values()]).all():
+        bad = [n for n, p in state.trainable.items() if not p.isfinite().all()]
+        raise diverged(step, f"the update made {len(bad)} weight tensors NaN/inf (first: {bad[0]}), the loss finite",
+                       output)
+
+
 def optimizer_step(net, state: TrainingState, args, step: int, autocast, output: Path) -> dict:
     """One AdamW step over --grad-accum micro-batches -> its logs; TrainingDiverged before a non-finite update."""
     micro_logs = []
@@ -271,10 +266,9 @@ def mean_logs(logs: list[dict]) -> dict:
 
 @torch.no_grad()
 def sample_grid(clue, prompts: list[str], names: list[str], args, path: Path, source: str = "prior"):
-    """Rows: classes; the same initial noise in every cell, so a row shows what the style alone changes.
-    source "prior": columns are prior draws at --grid-taus, the same draw down a column (CLUE's unprompted
-    embeddings); "posterior_sample": each cell the mu of a random training image of its class (the aggregated
-    posterior). Vanilla (no style branch): columns are noise seeds."""
+    """Rows: classes; the same initial noise in every cell, so a row shows what the style alone changes. source
+    "prior": columns are prior draws at --grid-taus, the same draw down a column (CLUE's unprompted embeddings);
+    "posterior_sample": each cell the mu of a random training image of its class. Vanilla: columns are noise seeds."""
     rows, cols, C = len(prompts), len(args.grid_taus), clue.unet.cfg.in_channels
     h, gen, style = args.resolution // clue.vae.cfg.downsample_factor, torch.Generator().manual_seed(args.seed), None
     if clue.style_encoder is None:
@@ -301,8 +295,8 @@ def sample_grid(clue, prompts: list[str], names: list[str], args, path: Path, so
     for r, name in enumerate(names):
         draw.text((4, margin_top + 2 + (r + 0.4) * (grid.height - 2) / rows), name, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path.with_suffix(".tmp.png"))
-    os.replace(path.with_suffix(".tmp.png"), path)
+    canvas.save(tmp := path.with_suffix(".tmp.png"))
+    os.replace(tmp, path)  # atomic: never half a PNG
 
 
 @dataclass
@@ -317,9 +311,10 @@ class SideWork:
 
     def __call__(self, step: int, checkpoint: bool, grid: Path | None, final: bool = False):
         s, clue, output, names = self.state, self.state.clue, Path(self.args.output), self.dataset.class_names
+        posterior = final and clue.style_encoder is not None  # the aggregated posterior, per class
         if s.rank == 0:
             with rng_preserved(s.device), s.ema_applied():
-                if final and clue.style_encoder is not None:
+                if posterior:
                     clue.fit_style_posterior(DataLoader(self.dataset, batch_size=64, shuffle=False))
                 if checkpoint:
                     diag = clue.diagnostics(self.val_loader, seed=self.args.seed,
@@ -329,7 +324,7 @@ class SideWork:
                         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in diag.items()))
                 if grid is not None:
                     sample_grid(clue, self.dataset.prompts, names, self.args, grid)
-                if final and clue.style_encoder is not None:
+                if posterior:
                     sample_grid(clue, self.dataset.prompts, names, self.args, output / "samples_posterior.png",
                                 source="posterior_sample")
                 plot_curves(output)
@@ -445,7 +440,7 @@ def main(argv=None) -> dict:
 def command_line(argv=None):
     """`python train.py`: a user's mistake is one line and exit code 2 (cli.run), a diverged run one line and 1."""
     try:
-        cli.run(main, argv, "train.py")
+        run(main, argv, "train.py")
     except TrainingDiverged as e:
         print(f"train.py: training diverged: {e}", file=sys.stderr)
         sys.exit(1)

@@ -2,10 +2,9 @@
 
 A checkpoint `checkpoints/step_NNNNNN/` is filled under a temporary name, then renamed (a crash leaves the older
 ones intact). It holds the EMA model (save_clue: what sample.py loads) and, in checkpoint.py's one format (kind
-"training_state"), the raw weights, AdamW moments, EMA, LR schedule, GradScaler, every rank's torch / numpy / python
-RNG states and the data position: N + N steps on CPU are bit-identical to 2N steps. Here: the torchrun processes;
-the LR schedule (warm-up, then cosine, Loshchilov & Hutter 2017, or constant) and the EMA; RNG states; the data
-position; TrainingState, its checkpoints and its divergence checks; the logs and loss_curve.png; the tiny VAE.
+"training_state"), raw weights, AdamW moments, EMA, LR schedule, GradScaler, every rank's torch / numpy / python
+RNG states and the data position: N + N steps on CPU are bit-identical to 2N steps. Also here: torchrun processes,
+the LR schedule (warm-up, then cosine, Loshchilov & Hutter 2017, or constant), divergence checks, the log files.
 Left out: data-loader worker RNG (with --num-workers > 0 the image order resumes exactly, crops/flips do not).
 """
 from __future__ import annotations
@@ -20,7 +19,6 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +77,7 @@ class Objective(nn.Module):
 
 # ------------------------------------------------------------------------------------ schedules, EMA
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at an optimizer step: linear warm-up, then constant or half a cosine
-    from 1 down to min_ratio (Loshchilov & Hutter 2017, SGDR without restarts)."""
+    """Multiplier of the peak LR at a step: linear warm-up, then constant or half a cosine from 1 to min_ratio."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -108,15 +105,17 @@ class EMA:
     def applied(self, named_params: dict[str, torch.Tensor]):
         """Temporarily put the averaged weights into the model (samples, diagnostics, saving)."""
         backup = {n: p.detach().clone() for n, p in named_params.items()}
-        with torch.no_grad():
-            for n, p in named_params.items():
-                p.copy_(self.shadow[n])
+        copy_into(named_params, self.shadow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for n, p in named_params.items():
-                    p.copy_(backup[n])
+            copy_into(named_params, backup)
+
+
+@torch.no_grad()
+def copy_into(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
+    for n, p in params.items():
+        p.copy_(values[n])
 
 
 # ------------------------------------------------------------------------------------ RNG state, data position
@@ -157,36 +156,27 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (a permutation seeded by seed + epoch, every rank its own shard) that starts
-    `skip` images into the epoch: a resumed run sees exactly the images the interrupted one would have."""
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
 class BatchStream:
-    """Endless batches over epochs; (epoch, batches taken in this epoch) is the position a checkpoint stores."""
+    """Endless batches, epoch after epoch of torch's DistributedSampler (a permutation seeded by seed + epoch, every
+    rank its own shard). (epoch, batches taken in it) is the position a checkpoint stores: a resumed run starts
+    there and sees exactly the images the interrupted one would have."""
 
     def __init__(self, dataset, batch_size, rank, world, seed, num_workers):
-        self.sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-        self.batch_size, self.epoch, self.taken, self.it = batch_size, 0, 0, None
-        if len(self.sampler) // batch_size == 0:
+        self.sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        if self.sampler.num_samples < batch_size:
             raise UsageError(f"{len(dataset)} images give no full batch of {batch_size} per process ({world} "
                              "process(es)); lower --batch-size (or --vae-batch-size)")
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.generator = torch.Generator().manual_seed(seed)  # the data-loader workers' seeds
+        self.epoch, self.taken, self.it = 0, 0, None
 
     def __next__(self):
         while True:
             if self.it is None:
                 self.sampler.set_epoch(self.epoch)
-                self.sampler.skip = self.taken * self.batch_size
-                self.it = iter(self.loader)
+                order = list(self.sampler)[self.taken * self.batch_size:]
+                self.it = iter(DataLoader(self.dataset, self.batch_size, sampler=order, drop_last=True,
+                                          num_workers=self.num_workers, generator=self.generator))
             try:
                 batch = next(self.it)
                 self.taken += 1
@@ -216,21 +206,6 @@ class TrainingState:
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradients or the weights became NaN or inf: training stops, nothing of that state is written."""
-
-
-def diverged(step: int, what: str, output: Path) -> TrainingDiverged:
-    last = list_checkpoints(output)
-    return TrainingDiverged(f"step {step}: {what}. Training stopped; nothing was written for this state. Last good "
-                            f"checkpoint: {last[-1] if last else 'none'}. Try a lower --lr, --max-grad-norm 1, "
-                            "fp32/bf16 instead of fp16, or check the data.")
-
-
-def check_weights(state: TrainingState, step: int, output: Path):
-    """Every trained tensor finite (one device sync): checked before anything is logged, sampled or saved."""
-    if not torch.stack([p.isfinite().all() for p in state.trainable.values()]).all():
-        bad = [n for n, p in state.trainable.items() if not p.isfinite().all()]
-        raise diverged(step, f"the update made {len(bad)} weight tensors non-finite (first: {bad[0]}) while the "
-                       "loss was finite", output)
 
 
 def write_folder_atomically(final: Path, fill) -> None:
@@ -288,11 +263,11 @@ def save_checkpoint(path: Path, state: TrainingState, step: int, args, info: dic
         tensors.update({f"ema.{n}": t for n, t in state.ema.shadow.items()} if state.ema else {})
         for r, (rng_tensors, _) in enumerate(rngs):
             tensors.update({f"rng.{r}.{k}": v.cpu() for k, v in rng_tensors.items()})
-        stream = state.stream
         write_checkpoint(tmp, "training_state", {
             "step": step, "world_size": state.world, "optimizer": opt_meta, "lr_schedule": state.sched.state_dict(),
             "grad_scaler": state.scaler.state_dict() or None, "ema_updates": state.ema.updates if state.ema else None,
-            "data_position": {"epoch": stream.epoch, "batches_taken": stream.taken, "batch_size": args.batch_size},
+            "data_position": {"epoch": state.stream.epoch, "batches_taken": state.stream.taken,
+                              "batch_size": args.batch_size},
             "rng": [meta for _, meta in rngs], "diagnostics": state.clue.last_diagnostics, "args": vars(args)},
             tensors, **STATE_FILES)
     write_folder_atomically(path, fill)
@@ -301,9 +276,8 @@ def save_checkpoint(path: Path, state: TrainingState, step: int, args, info: dic
 
 
 def find_checkpoint(resume: str, output: Path, rank: int) -> tuple[Path, CLUE, dict, dict] | None:
-    """--resume PATH, or 'latest': the newest intact checkpoint in output/checkpoints (None: there is none) ->
-    (folder, EMA model, state config, state tensors). A broken one (a file missing, truncated or corrupt) gets a
-    warning line, and the one before it is tried."""
+    """--resume PATH or 'latest' -> (folder, EMA model, state config, state tensors) of the newest intact checkpoint
+    (None: none yet). A broken one (a file missing, truncated, corrupt) gets a warning line; the one before is tried."""
     candidates, problems = list_checkpoints(output) if resume == "latest" else [Path(resume)], []
     for folder in reversed(candidates):
         try:
@@ -324,12 +298,9 @@ def restore(state: TrainingState, ckpt: Path, meta: dict, tensors: dict, args) -
     """Put back what save_checkpoint wrote (the model itself came from load_clue); returns the step."""
     missing = [n for n in state.trainable if f"param.{n}" not in tensors]
     if missing:
-        raise UsageError(f"--resume: {ckpt} holds no training state for {len(missing)} trainable parameters "
-                         f"({missing[:3]}...): resume with the flags it was trained with (--freeze-unet, "
-                         "--train-text-encoder, --style-tokens)")
-    with torch.no_grad():
-        for n, p in state.trainable.items():
-            p.copy_(tensors[f"param.{n}"])
+        raise UsageError(f"--resume: {ckpt} holds no training state for {len(missing)} trained parameters "
+                         f"({missing[:3]}...); use its flags (--freeze-unet, --train-text-encoder, --style-tokens)")
+    copy_into(state.trainable, {n: tensors[f"param.{n}"] for n in state.trainable})
     unflatten_optimizer(state.opt, list(state.trainable), tensors, meta["optimizer"])
     state.sched.load_state_dict(meta["lr_schedule"])
     if meta["grad_scaler"]:
@@ -342,16 +313,15 @@ def restore(state: TrainingState, ckpt: Path, meta: dict, tensors: dict, args) -
                if k not in ("resume", "steps", "output", "checkpoint_every", "sample_every", "log_every",
                             "checkpoints_total_limit", "dump_param_checksum") and getattr(args, k, None) != v}
     if changed and state.rank == 0:
-        print(f"warning: resuming with other settings than {ckpt} was trained with (saved, now): {changed}",
-              file=sys.stderr)
+        print(f"warning: {ckpt} was trained with other settings (saved, now): {changed}", file=sys.stderr)
     if meta["world_size"] == state.world:
         set_rng_state({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{state.rank}.")},
                       meta["rng"][state.rank], state.device)
-    else:
-        if state.rank == 0:
-            print(f"warning: {ckpt} was written by {meta['world_size']} processes, this run has {state.world}: "
-                  "data order and noise draws differ from an uninterrupted run", file=sys.stderr)
-        seed_everything(args.seed + state.rank + meta["step"])
+        return meta["step"]
+    if state.rank == 0:
+        print(f"warning: {ckpt} was written by {meta['world_size']} processes, this run has {state.world}: data "
+              "order and noise draws differ from an uninterrupted run", file=sys.stderr)
+    seed_everything(args.seed + state.rank + meta["step"])
     return meta["step"]
 
 
@@ -381,13 +351,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def plot_curves(output: Path):
     """loss_curve.png: VAE reconstruction (phase 1), diffusion loss, KL per style dimension and (with
     --mmd-weight) the MMD of the batch styles to N(0, I), against the step."""
-    import matplotlib  # an optional heavy dependency: imported only when a plot is drawn
+    import matplotlib  # lazy: a heavy import (~1 s) that only this plot needs
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     vae, log = read_jsonl(output / "vae_log.jsonl"), [r for r in read_jsonl(output / "log.jsonl") if "mse" in r]
     panels = [p for p in (("VAE (phase 1)", vae, ("loss", "l1", "l2")), ("diffusion", log, ("loss", "mse")),
                           ("style KL", log, ("kl", "capacity")), ("style MMD to N(0, I)", log, ("mmd",)))
-              if p[1] and any(p[2][0] in r for r in p[1])]
+              if any(p[2][0] in r for r in p[1])]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
@@ -406,7 +376,7 @@ def plot_curves(output: Path):
     fig.tight_layout()
     fig.savefig(output / ".loss_curve.tmp.png", dpi=110)
     plt.close(fig)
-    os.replace(output / ".loss_curve.tmp.png", output / "loss_curve.png")
+    os.replace(output / ".loss_curve.tmp.png", output / "loss_curve.png")  # atomic: never half a PNG
 
 
 # ------------------------------------------------------------------------------------ phase 1: the tiny VAE
@@ -425,7 +395,7 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
     seed_everything(args.seed)
     vae = VAE(VAEConfig.tiny()).to(device)
     seed_everything(args.seed + rank)
-    net = Objective(vae, partial(vae_loss, kl_weight=args.vae_kl_weight))
+    net = Objective(vae, lambda vae, x: vae_loss(vae, x, args.vae_kl_weight))
     net = DDP(net) if world > 1 else net
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     warmup = max(1, min(50, args.vae_steps // 10))
@@ -457,8 +427,7 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
     if not (math.isfinite(vae.cfg.scale_factor) and math.isfinite(l1)):  # an update made weights non-finite
         raise TrainingDiverged(f"VAE: latents or reconstructions NaN/inf after {args.vae_steps} steps; lower --vae-lr")
     if rank == 0:
-        info = {"steps": args.vae_steps, "seconds": round(time.time() - t0, 1), "recon_l1": l1,
-                "scale_factor": vae.cfg.scale_factor}
+        info = {"steps": args.vae_steps, "seconds": round(time.time() - t0, 1), "recon_l1": l1}
         write_folder_atomically(output / "vae", lambda tmp: write_checkpoint(
             tmp, "vae", {"vae": asdict(vae.cfg), "scale_factor": vae.cfg.scale_factor, "train": info},
             {f"vae.{k}": v for k, v in vae.state_dict().items()}))
