@@ -214,8 +214,8 @@ def confusion_matrix(y_true, y_pred, num_classes):
 
 
 def f1_from_confusion(cm):
-    """Per-class F1 = 2TP / (2TP + FP + FN) (0 where the class is neither present nor predicted),
-    and macro F1 over the classes present in the test set (rows with images)."""
+    """Per-class F1 (van Rijsbergen) = 2TP / (2TP + FP + FN) (0 where the class is neither present nor predicted),
+    and macro F1, their mean over the classes present in the test set (an external set may lack some)."""
     tp = np.diag(cm).astype(np.float64)
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     denom = 2 * tp + fp + fn
