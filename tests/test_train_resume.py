@@ -135,9 +135,9 @@ def strip_keys(out, keys_per_file: dict):
 
 @pytest.mark.parametrize("legacy", [
     {"training_state.json": ("kind",), "config.json": ("kind",)},
-    pytest.param({"training_state.json": ("format", "version", "kind"), "config.json": ("kind",)}, marks=pytest.mark.xfail(
-        reason="needs checkpoint.read_checkpoint to accept a training_state.json without 'format' (the previous "
-               "train.py wrote none): see the training engineer's report", strict=False)),
+    pytest.param({"training_state.json": ("format", "version", "kind"), "config.json": ("kind",)},
+                 marks=pytest.mark.xfail(reason="needs checkpoint.read_checkpoint to accept a training_state.json "
+                                         "without 'format' (the previous train.py wrote none)", strict=False)),
 ], ids=["without-kind", "as-the-previous-train.py-wrote-it"])
 def test_checkpoints_written_before_kind_still_resume(legacy, four_steps, data_dir, vae_dir, tmp_path):
     """Checkpoints of the previous train.py (config.json without "kind", training_state.json without "format" /
