@@ -15,7 +15,7 @@ import pickle
 import re
 import tempfile
 import typing
-from dataclasses import asdict
+from dataclasses import MISSING, asdict
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ def naming_errors(where):
         raise CheckpointError(f"{where}: {e}") from e
 
 
-# ---- writing: atomic files, our format -----------------------------------------------------------------------------
+# ---- writing: atomic files, our format -------------------------------------------------------------------------------
 def _atomic_replace(path: Path, write) -> None:
     """write(tmp) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def write_checkpoint(folder, kind: str, config: dict, tensors: dict, json_name: 
     atomic_write_json(folder / json_name, {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, **config})
 
 
-# ---- reading: files, our format, config dataclasses with their field types checked -----------------------------
+# ---- reading: files, our format, config dataclasses with their field types checked -----------------------------------
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -138,9 +138,10 @@ def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "c
             raise FileNotFoundError(f"{f}: missing; a {FORMAT} folder holds {json_name} and {tensors_name}")
     config = read_json(config_file)
     version, found, kinds = config.get("version", 0), config.get("kind"), (kind,) if isinstance(kind, str) else kind
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{config_file}: 'format' is {config.get('format')!r}, expected {FORMAT!r}; not a "
-                              "folder written by this project")
+    fmt = config.get("format", FORMAT if json_name == "training_state.json" else None)  # the first train.py wrote none
+    if fmt != FORMAT:
+        raise CheckpointError(f"{config_file}: 'format' is {fmt!r}, expected {FORMAT!r}; not a folder written by "
+                              "this project")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format version {version!r} is not one this code reads "
                               f"(<= {FORMAT_VERSION}); update the code")
@@ -180,10 +181,8 @@ def _fields(d, hints: dict, where: str, what: str) -> dict:
 
 def config_from_dict(cls, d, where: str):
     """A config dataclass back from its JSON object, each field's type checked; fields left out take defaults."""
-    kw = _fields(d, typing.get_type_hints(cls), where, cls.__name__)
-    fields = dataclasses.fields(cls)
-    missing = [f.name for f in fields if f.default is f.default_factory is dataclasses.MISSING and f.name not in kw]
-    if missing:
+    kw, fields = _fields(d, typing.get_type_hints(cls), where, cls.__name__), dataclasses.fields(cls)
+    if missing := [f.name for f in fields if f.default is f.default_factory is MISSING and f.name not in kw]:
         raise CheckpointError(f"{where}: {cls.__name__} fields {missing} are missing")
     with naming_errors(where):
         return cls(**kw)
@@ -234,7 +233,7 @@ def read_weights_folder(folder: Path) -> tuple[dict, Path]:
                             f"found {sorted(p.name for p in folder.iterdir())}")
 
 
-# ---- renaming rules and the audit -------------------------------------------------------------------------------
+# ---- renaming rules and the audit ------------------------------------------------------------------------------------
 IDENTITY = [(r"", "", None)]  # the rules for tensors already in our names
 
 
@@ -291,9 +290,10 @@ def load_mapped(module: torch.nn.Module, mapped: list, unused: list, what: str, 
     module.load_state_dict(filled, strict=False)
 
 
-def build_stable_diffusion(cfgs: tuple, weights: list, schedule: NoiseSchedule, where, **fields) -> StableDiffusion:
+def build_stable_diffusion(cfgs: tuple, weights, schedule: NoiseSchedule, where, **fields) -> StableDiffusion:
     """U-Net, VAE and text encoder built from `cfgs` (in this order: the RNG draws of their initialisation), each
-    filled through the audit from `weights` = per module (mapped, unused, what, source file, keep_init)."""
+    filled through the audit from `weights`, per module (mapped, unused, what, source file, keep_init) (a list or
+    a generator that reads each part only when its module is built)."""
     if cfgs[0].context_dim != cfgs[2].width:
         raise CheckpointError(f"{where}: the U-Net attends to {cfgs[0].context_dim}-wide text tokens but the text "
                               f"encoder is {cfgs[2].width} wide; the parts do not belong together")
@@ -320,7 +320,7 @@ def schedule_from_betas(sd: dict, where) -> dict:
                           f"{float(betas[-1]):.6g}) are not a scaled_linear schedule; not an SD 1.x / 2.x file")
 
 
-# ---- Stable Diffusion and CLUE in our format ----------------------------------------------------------------------
+# ---- Stable Diffusion and CLUE in our format -------------------------------------------------------------------------
 _TOP = {"prediction_type": str | None, "scale_factor": float, "image_size": int | None, "source": str}
 _SCHEDULE = {**{k: type(v) for k, v in SD_SCHEDULE.items()}, "prediction_type": str}
 _SAMPLER = {k: type(v) for k, v in SD_SAMPLER.items()}

@@ -212,3 +212,15 @@ def test_read_checkpoint_names_the_broken_file(tmp_path, damage):
                        match=rf"^{re.escape(str(bad))}: ") as e:
         read_checkpoint(tmp_path, "training_state", **STATE)
     print(e.value)
+
+
+def test_read_checkpoint_takes_the_first_training_state_files(tmp_path):
+    """The first train.py wrote training_state.json with no "format" / "version" / "kind": it still reads; any other
+    JSON without "format" (a config.json) is refused."""
+    for folder, names in ((tmp_path / "state", STATE), (tmp_path / "model", {})):
+        write_checkpoint(folder, "training_state", {"step": 3}, {"w": torch.zeros(2)}, **names)
+        f = folder / names.get("json_name", "config.json")
+        f.write_text(json.dumps({"step": 3}))
+    assert read_checkpoint(tmp_path / "state", "training_state", **STATE)[0] == {"step": 3}
+    with pytest.raises(CheckpointError, match=r"config.json: 'format' is None, expected 'clue-pytorch'"):
+        read_checkpoint(tmp_path / "model")
