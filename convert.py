@@ -302,12 +302,12 @@ def _configs_from_ldm(unet_sd: dict, vae_sd: dict, text_sd: dict, kind: str, hea
                               "SD's levels of resnets + downsampler")
     first = [1 + b * (L + 1) for b in range(levels)]  # the first input block of each level
     channels = tuple(_shape(unet_sd, f"input_blocks.{i}.0.out_layers.3.weight", where)[0] for i in first)
+    attention = tuple(f"input_blocks.{i}.1.proj_in.weight" in unet_sd for i in first)  # levels with transformers
     if heads is None:
         heads = (8,) * levels if kind == "sd1" else tuple(max(1, c // 64) for c in channels)
     unet = UNetConfig(in_channels=_shape(unet_sd, "input_blocks.0.0.weight", where)[1],
                       out_channels=_shape(unet_sd, "out.2.weight", where)[0], block_channels=channels,
-                      layers_per_block=L, attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in unet_sd
-                                                                 for i in first),
+                      layers_per_block=L, attention_levels=attention,
                       num_heads=(heads,) * levels if isinstance(heads, int) else tuple(heads),
                       context_dim=_shape(unet_sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", where)[1],
                       transformer_depth=len(_indices(unet_sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
@@ -319,8 +319,8 @@ def _configs_from_ldm(unet_sd: dict, vae_sd: dict, text_sd: dict, kind: str, hea
                     block_channels=tuple(_shape(vae_sd, f"encoder.down.{i}.block.0.conv2.weight", where)[0]
                                          for i in range(len(_indices(vae_sd, r"encoder\.down\.(\d+)\.")))),
                     layers_per_block=len(_indices(vae_sd, r"encoder\.down\.0\.block\.(\d+)\.")), norm_groups=32)
-    (vocab, width), hidden = _shape(text_sd, "token_embedding.weight", where), \
-        _shape(text_sd, "transformer.resblocks.0.mlp.c_fc.weight", where)[0]
+    vocab, width = _shape(text_sd, "token_embedding.weight", where)
+    hidden = _shape(text_sd, "transformer.resblocks.0.mlp.c_fc.weight", where)[0]
     text = text_config_from_hf(dict(
         vocab_size=vocab, max_position_embeddings=_shape(text_sd, "positional_embedding", where)[0], hidden_size=width,
         intermediate_size=hidden, num_attention_heads=text_heads or max(1, width // 64),
