@@ -222,12 +222,12 @@ def diverged(step: int, what: str, output: Path) -> TrainingDiverged:
                             "--max-grad-norm 1, fp32/bf16 instead of fp16, or check the data.")
 
 
+@torch.no_grad()
 def check_weights(state: TrainingState, step: int, output: Path):
-    """Every trained tensor finite (one device sync): checked before anything is logged, sampled or saved."""
-    if not torch.stack([p.isfinite().all() for p in state.trainable.values()]).all():
+    """All trained weights finite (a NaN / inf makes the sum one; one device sync): before a log, grid or checkpoint."""
+    if not torch.stack([p.sum() for p in state.trainable.values()]).sum().isfinite():
         bad = [n for n, p in state.trainable.items() if not p.isfinite().all()]
-        raise diverged(step, f"the update made {len(bad)} weight tensors NaN/inf (first: {bad[0]}), the loss finite",
-                       output)
+        raise diverged(step, f"the update made weights NaN/inf or huge ({len(bad)} tensors NaN/inf: {bad[:2]})", output)
 
 
 def optimizer_step(net, state: TrainingState, args, step: int, autocast, output: Path) -> dict:
