@@ -6,8 +6,8 @@ feed a second cross-attention layer; the objective is `CLUE.loss` (clue.py). Thi
   --preset tiny  from scratch: phase 1 trains a tiny VAE (training_state.train_vae), phase 2 everything else
                  (--no-train-text-encoder keeps the random text features, which tell fixed-format prompts apart).
 AdamW (Loshchilov & Hutter 2019), warm-up then cosine or constant LR, gradient clipping and accumulation, an EMA
-of the weights (for samples, diagnostics, the saved model), autocast on GPU; torchrun: DistributedDataParallel, rank
-0 writes every file; `--resume` continues bit-exactly on CPU. Left out: LoRA, prior preservation, multi-node.
+of the weights (for samples, diagnostics, the saved model), autocast on GPU; under torchrun DistributedDataParallel
+(rank 0 writes every file); `--resume` goes on bit-exactly on CPU. Left out: LoRA, prior preservation, multi-node.
 """
 from __future__ import annotations
 
