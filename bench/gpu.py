@@ -64,10 +64,12 @@ sys.path.insert(0, ROOT)
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
     os.environ.setdefault(_var, "1")  # the reference libraries must never try to reach a hub
 
-from clue import CLUE, CLUEConfig  # noqa: E402
+from clue import CLUE, CLUEConfig, Sampling  # noqa: E402
+from convert import hf_clip_to_open_clip  # noqa: E402
 from schedulers import NoiseSchedule  # noqa: E402
 from style_encoder import StyleConfig, StyleEncoder  # noqa: E402
 from text_encoder import TextConfig, TextEncoder  # noqa: E402
+from training_state import EMA  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
 
@@ -77,30 +79,10 @@ PARTS = {1: "unet_train", 2: "clue_step", 3: "sampling", 4: "fp16_upcast", 5: "m
 WEIGHT = {1: 0.25, 2: 0.25, 3: 0.35, 4: 0.15}  # shares of the time budget (part 5 is bookkeeping)
 
 
-# ------------------------------------------------------------------------------------ project names that may move
-def ema_class():
-    from training_state import EMA
-    return EMA
-
-
 def text_to_image(model: CLUE, prompts: list[str], negative: str, steps: int, guidance: float, latents):
-    """CLUE.generate, plain text-to-image from given initial latents (its settings move into clue.Sampling)."""
-    try:
-        from clue import Sampling
-    except ImportError:
-        return model.generate(prompts, negative_prompt=negative, steps=steps, guidance=guidance, latents=latents,
-                              progress=False)
+    """CLUE.generate, plain text-to-image from given initial latents."""
     return model.generate(prompts, Sampling(steps=steps, guidance=guidance, negative_prompt=negative),
                           latents=latents, progress=False)
-
-
-def hf_clip_to_open_clip(state):
-    """transformers CLIPTextModel names -> our open_clip names (q/k/v concatenated into in_proj)."""
-    try:
-        from convert import hf_clip_to_open_clip as rename
-    except ImportError:  # before the refactor it lived in text_encoder.py
-        from text_encoder import hf_clip_to_open_clip as rename
-    return rename(state)
 
 
 # ------------------------------------------------------------------------------------ sizes and diffusers configs
@@ -397,7 +379,7 @@ def build_clue(S, dev, style: bool, shared: CLUE | None = None) -> CLUE:
 
 def part_clue_step(run: Run) -> dict:
     S, dev, deadline = run.S, run.dev, run.part_deadline(2)
-    EMA, B, H = ema_class(), S["train_batch"], S["image"]
+    B, H = S["train_batch"], S["image"]
     torch.manual_seed(0)
     models = {"clue": build_clue(S, dev, True)}
     models["vanilla"] = build_clue(S, dev, False, shared=models["clue"])
