@@ -17,13 +17,16 @@ file composes the parts (vae.py, text_encoder.py, unet.py, style_encoder.py, sch
    The MMD term (InfoVAE, Zhao et al. 2019; WAE, Tolstikhin et al. 2018) shapes the aggregated posterior
    q(s) = E_x q(s|x), where unprompted prior draws land, which the per-image KL bounds but does not shape; with the
    kernel (1 + x.y)^2 it is MMD^2 = ||E_q[s s^T] - I||_F^2 + 2 ||E_q[s]||^2 (StyleEncoder.prior_mmd).
-2. `generate`: DDIM (Song et al. 2021, eq. 12) with classifier-free guidance
-       eps_hat = eps(z_t, c_neg, s) + w * (eps(z_t, c, s) - eps(z_t, c_neg, s))
-   in ONE batched U-Net call per step; the style s comes from the prior N(0, tau^2 I) ("unprompted embeddings"),
-   from the aggregated posterior of a class, from a reference image, or is given (StyleChoice, make_style).
-   Choice made here: BOTH halves of the guidance batch get the same style, so guidance acts on the text only and
+2. `generate`: DDIM (Song et al. 2021, eq. 12) with classifier-free guidance (Ho & Salimans 2022) in ONE batched
+   U-Net call per step, eps_hat = eps(z_t, c_neg, s) + w * (eps(z_t, c, s) - eps(z_t, c_neg, s)); the style s from
+   the prior N(0, tau^2 I) ("unprompted embeddings"), a class's aggregated posterior, a reference image, or given
+   (StyleChoice, make_style). Choice made here: BOTH halves get the same style, so guidance acts on the text only and
    the style is never amplified by w; training matches it (text dropout keeps the style, style dropout is drawn
-   independently of text dropout).
+   independently). Beyond the paper: style guidance w_s != 1 samples p(x) p(c|x)^w p(s|x,c)^w_s (Liu et al. 2022's
+   product, "Compositional Visual Generation", by the chain rule, as InstructPix2Pix, Brooks et al. 2023, eq. 3):
+       eps_hat = eps(c_neg, 0) + w * (eps(c, 0) - eps(c_neg, 0)) + w_s * (eps(c, s) - eps(c, 0))   (0: no style)
+   in 3 parts; w_s = 0: no style; w_s = 1 keeps the 2-part form (equal where the style's effect does not depend on
+   the text). CADS condition noise on c (Sadat et al. 2024): condition_annealing.
 3. The per-class style posteriors and the diagnostics of the style latent (style_stats.py), kept with the model.
 
 Left out: img2img/inpainting, other samplers than DDIM, guidance rescale, LoRA. A CLUE without a style encoder
@@ -93,6 +96,11 @@ class Sampling:
     """How CLUE.generate samples: DDIM with classifier-free guidance."""
     steps: int = 50                          # DDIM steps
     guidance: float = 7.5                    # text guidance scale w; <= 1 runs the text branch only (as diffusers)
+    style_guidance: float = 1.0              # style guidance scale w_s (module docstring); 1: the style as it is
+    condition_noise: float = 0.0             # CADS noise scale s on the text context (condition_annealing); 0: off
+    cads_tau1: float = 0.6                   # CADS: the clean context for t <= tau1 (t in [0, 1], sampling 1 -> 0),
+    cads_tau2: float = 0.9                   # noise only for t >= tau2, linear between (Sadat et al.'s defaults)
+    cads_psi: float = 1.0                    # CADS: weight of the noisy context rescaled to c's mean and std
     eta: float = 0.0                         # DDIM eta: 0 deterministic, 1 DDPM's ancestral noise
     negative_prompt: str | list[str] = ""    # the unconditional half's prompt (one, or one per image)
     height: int | None = None                # pixels, a multiple of the VAE's downsampling factor;
@@ -109,6 +117,19 @@ class StyleChoice:
     reference: torch.Tensor | None = None    # "reference": images (B,3,H,W) in [-1, 1], B = 1 or one per image
     reference_prompts: list[str] | None = None  # their prompts (generate: default the generation prompts)
     seed: int | None = None                  # own RNG for the style draws (fixed noise, varying style)
+
+
+def condition_annealing(c: torch.Tensor, t: float, sp: Sampling, generator=None) -> torch.Tensor:
+    """CADS (Sadat et al., ICLR 2024), the text context at diffusion time t in [0, 1] (sampling runs 1 -> 0): noise
+    early (diverse layouts), the clean c late (c itself when s = 0 or gamma = 1); n ~ N(0, I) from `generator`,
+        c_hat = sqrt(gamma(t)) c + s sqrt(1 - gamma(t)) n,  gamma(t) = clip((tau2 - t) / (tau2 - tau1), 0, 1),
+        c_hat <- psi * (c_hat rescaled to each image's mean and std of c) + (1 - psi) * c_hat."""
+    gamma = min(1.0, max(0.0, (sp.cads_tau2 - t) / (sp.cads_tau2 - sp.cads_tau1)))  # 1 (t <= tau1), 0 (t >= tau2)
+    if sp.condition_noise == 0 or gamma == 1.0:
+        return c
+    c_hat = gamma ** 0.5 * c + sp.condition_noise * (1 - gamma) ** 0.5 * randn_cpu(c.shape, generator, c.device)
+    mean, std = (lambda y: y.mean((1, 2), True)), (lambda y: y.std((1, 2), keepdim=True))  # per image (B,77,D)
+    return sp.cads_psi * ((c_hat - mean(c_hat)) / std(c_hat) * std(c) + mean(c)) + (1 - sp.cads_psi) * c_hat
 
 
 def slerp(s0: torch.Tensor, s1: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -347,14 +368,14 @@ class CLUE(nn.Module):
         """Text(-and-style)-to-image, one image per prompt: DDIM with guidance (`sampling`, default Sampling()), the
         style tokens from `style` (StyleChoice; None: no style branch). The initial latents z_T (B,4,h,w) are `latents`
         or drawn from `generator` (or a CPU generator seeded with `seed`, or the global RNG); style draws come next from
-        the same generator, or from their own when StyleChoice.seed is given (fixed noise, varying style).
+        the same generator, or from their own when StyleChoice.seed is given (fixed noise, varying style); CADS noise
+        (Sampling.condition_noise) is drawn from `generator` at each step where it acts.
         Returns images in [0, 1] (B,3,H,W), or for output="latent" the final scaled latents (decode_latents)."""
         sp = sampling or Sampling()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         B, dev = len(prompts), self.device
         negs = [sp.negative_prompt] * B if isinstance(sp.negative_prompt, str) else list(sp.negative_prompt)
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed) if generator is None and seed is not None else generator
         height, width = sp.height or self.cfg.image_size, sp.width or self.cfg.image_size
         f = self.vae.cfg.downsample_factor
         if height % f or width % f:
@@ -362,25 +383,26 @@ class CLUE(nn.Module):
         if latents is None:  # DDIM's initial noise sigma is 1
             latents = randn_cpu((B, self.unet.cfg.in_channels, height // f, width // f), generator, dev)
         x = latents.to(dev, torch.float32)
-        s, style_scale = None, 1.0
-        if style is not None:  # reference prompts default to the prompts
-            style_gen = torch.Generator().manual_seed(style.seed) if style.seed is not None else generator
-            s = self.make_style(replace(style, reference_prompts=style.reference_prompts or prompts), B, style_gen)
-            style_scale = style.scale
-        cfg_on = sp.guidance > 1.0
-        c = self.encode_prompts(prompts)
-        context = torch.cat([self.encode_prompts(negs), c]) if cfg_on else c  # unconditional half first
-        style_in = (torch.cat([s, s]) if cfg_on else s) if s is not None else None  # same style in both halves
+        s, style_scale = None, 1.0 if style is None else style.scale
+        if style is not None:  # reference prompts default to the prompts; StyleChoice.seed: the style's own RNG
+            s = self.make_style(replace(style, reference_prompts=style.reference_prompts or prompts), B,
+                                generator if style.seed is None else torch.Generator().manual_seed(style.seed))
+        cfg_on, sg_on = sp.guidance > 1.0, s is not None and sp.style_guidance != 1.0
+        n = 1 + cfg_on + sg_on  # batch parts: [c_neg (with s; without when sg_on)] [c, no style (sg_on)] [c, s]
+        if sg_on:  # the style branch off (scale 0: exactly as style=None) in every part but the last
+            style_scale = torch.tensor([0.0] * (n - 1) + [style_scale], device=dev).repeat_interleave(B)[:, None, None]
+        c, c_neg = self.encode_prompts(prompts), self.encode_prompts(negs) if cfg_on else None
+        style_in = s.repeat(n, 1, 1) if s is not None else None  # the same style in every part
         sampler = DDIMSampler(self.schedule, **self.sampler_config)
-        timesteps = sampler.set_timesteps(sp.steps)
-        for t in tqdm(timesteps.tolist(), desc="DDIM", disable=not progress, leave=False):
-            x_in = torch.cat([x, x]) if cfg_on else x
-            out = self.unet(x_in, torch.full((len(x_in),), t, device=dev), context, style=style_in,
-                            style_scale=style_scale).float()
-            if cfg_on:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + sp.guidance * (out_cond - out_uncond)  # classifier-free guidance
-            x = sampler.step(out, t, x, eta=sp.eta, generator=generator)  # DDIM eq. 12
+        for t in tqdm(sampler.set_timesteps(sp.steps).tolist(), desc="DDIM", disable=not progress, leave=False):
+            c_t = condition_annealing(c, t / self.schedule.num_train_timesteps, sp, generator)  # CADS (c when off)
+            out = self.unet(x.repeat(n, 1, 1, 1), torch.full((n * B,), t, device=dev),
+                            torch.cat([c_neg] * cfg_on + [c_t] * (n - cfg_on)), style=style_in,
+                            style_scale=style_scale).float().chunk(n)
+            pred = out[0] + sp.guidance * (out[1] - out[0]) if cfg_on else out[0]  # classifier-free guidance
+            if sg_on:  # style guidance: + w_s * (eps(c, s) - eps(c, no style))
+                pred = pred + sp.style_guidance * (out[-1] - out[-2])
+            x = sampler.step(pred, t, x, eta=sp.eta, generator=generator)  # DDIM eq. 12
         return x if output == "latent" else self.decode_latents(x)
 
     @torch.no_grad()

@@ -53,6 +53,9 @@ EXAMPLES = """examples:
   python sample.py --model runs/digits/final --prompt "a handwritten digit 3" --style prior --tau 0.7 --num-images 8
   # a synthetic training set at 1000 % of the real class counts, for eval.py classify
   python sample.py --model runs/digits/final --data digits --scale 1000 --out synth/clue_1000
+  # the diversity knobs: CADS noise on the text condition (any model), style guidance (CLUE)
+  python sample.py --model runs/digits/vanilla/final --data digits --per-class 50 --condition-noise 0.1 --out synth/cads
+  python sample.py --model runs/digits/final --prompt "a handwritten digit 3" --style-guidance 2 --num-images 8
   # the figure: rows digits, columns style draws
   python sample.py --model runs/digits/final --grid classes-x-styles --n-styles 8 --out figs/styles
   # interpolation between the styles of two reference images, for every class
@@ -71,6 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     g.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale w; <= 1: off")
     g.add_argument("--eta", type=probability, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--condition-noise", type=non_negative_float, default=0.0, metavar="S",
+                   help="CADS (Sadat et al. 2024): Gaussian noise of scale S on the text context, annealed from all "
+                        "noise (t >= tau2) to none (t <= tau1), t running 1 -> 0; 0 (default): off. A diversity knob "
+                        "for every model (vanilla's own); typical S: 0.1 to 0.25")
+    g.add_argument("--cads-tau1", type=probability, default=None, help="CADS tau1 in [0, 1] (default 0.6)")
+    g.add_argument("--cads-tau2", type=probability, default=None, help="CADS tau2 in [0, 1], > tau1 (default 0.9)")
+    g.add_argument("--cads-psi", type=probability, default=None,
+                   help="CADS psi in [0, 1]: weight of the noisy context rescaled to the clean one's mean and std "
+                        "(default 1)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial noise (batch i: seed + i)")
     g.add_argument("--height", type=positive_int, default=None,
                    help="pixels, a multiple of the VAE's downsampling factor (default: the model's image size)")
@@ -92,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "image's mu), reference (--reference image). Default: prior for CLUE, none for plain SD")
     g.add_argument("--tau", type=non_negative_float, default=1.0, help="style temperature >= 0 (0: the mean style)")
     g.add_argument("--style-scale", type=finite_float, default=1.0, help="multiplier of the style branch output")
+    g.add_argument("--style-guidance", type=finite_float, default=1.0, metavar="W",
+                   help="style guidance scale w_s: eps(c, no style) + w_s (eps(c, s) - eps(c, no style)), composed "
+                        "with --guidance (clue.py); 1 (default): the style as it is, 0: no style, > 1: more style")
     g.add_argument("--style-seed", type=non_negative_int, default=None,
                    help="separate seed of the style draws (fixed noise, varying style); default: drawn after the noise")
     g.add_argument("--reference", default=None, help="reference image for --style reference")
@@ -119,6 +134,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--scale needs --data (the real class counts)")
     if a.grid == "interpolation" and a.interpolate is None:
         p.error("--grid interpolation needs --interpolate A B")
+    cads = {k: getattr(a, k) for k in ("cads_tau1", "cads_tau2", "cads_psi") if getattr(a, k) is not None}
+    if cads and a.condition_noise == 0:
+        p.error("--cads-tau1/--cads-tau2/--cads-psi shape the CADS noise: give --condition-noise S > 0 too")
+    a.cads = {**{f: getattr(Sampling, f) for f in ("cads_tau1", "cads_tau2", "cads_psi")}, **cads}
+    if a.cads["cads_tau1"] >= a.cads["cads_tau2"]:
+        p.error(f"--cads-tau1 {a.cads['cads_tau1']:g} must be below --cads-tau2 {a.cads['cads_tau2']:g}")
     if a.device == "cpu" and a.dtype != "fp32":
         p.error("--dtype bf16/fp16 is for GPUs; on the CPU the model runs in fp32")
     return a
@@ -216,6 +237,9 @@ def main(argv=None) -> dict:
                          f"downsampling factor (pixels per latent), e.g. {max(f, height // f * f)}")
     if args.grid == "interpolation" and model.style_encoder is None:
         raise UsageError("--grid interpolation needs a model with a style branch")
+    if args.style_guidance != 1.0 and (model.style_encoder is None or args.style == "none"):
+        raise UsageError(f"--style-guidance {args.style_guidance:g} guides a style: this model has none (plain SD "
+                         "or a --style-tokens 0 baseline) or --style none was given")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if dtype is torch.float16 and model.cfg.prediction_type == "v_prediction":  # SD 2.1-v overflows in fp16
         for m in (m for m in model.unet.modules() if isinstance(m, Attention)):
@@ -224,7 +248,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sampling = Sampling(steps=args.steps, guidance=args.guidance, eta=args.eta, negative_prompt=args.negative_prompt,
-                        height=height, width=width)
+                        height=height, width=width, style_guidance=args.style_guidance,
+                        condition_noise=args.condition_noise, **args.cads)
     written, record = [], {}
 
     def generate(prompts, style, seed=None, latents=None, progress=False):
