@@ -2,72 +2,82 @@
 
 CLUE (Park et al., arXiv 2511.10993; ../shared/PAPER.md, its table) compares a vanilla fine-tuned Stable
 Diffusion with CLUE on a small medical dataset by FID, k-NN recall and the macro F1 of a classifier trained
-on synthetic images at 100/200/500/1000 % of the real count, and on synthetic + real. This program runs the
-same comparison on the built-in digits data (scikit-learn's handwritten digits) in the LIMITED-data regime
-of ../shared/DESIGN.md: a few dozen real images per class. It only orchestrates: every step is one of the
-project's command-line programs, run as a subprocess (`python train.py / sample.py / eval.py ...`).
+on synthetic images at 100/200/500/1000 % of the real count, and on synthetic + real, on an internal and an
+external test set. This program runs the same comparison on the built-in digits data (scikit-learn's
+handwritten digits) in the LIMITED-data regime of ../shared/DESIGN.md: a few dozen real images per class. It
+only orchestrates: every step is one of the project's command-line programs, run as a subprocess.
 
 Phases (each writes into --out; a finished phase is skipped on the next run unless --force, its command
-changed, or a phase it depends on was re-run; an interrupted training resumes from its last checkpoint):
-  data         a seeded subset of the digits train split, N images per class (data.ClassFolderDataset's
-               limit_per_class), copied to OUT/real_limited/<class>/ and listed in OUT/real_limited.json:
-               train, sample and eval all read exactly these images.
-  vae          the tiny VAE, trained once on that subset (train.py phase 1; train.py has no VAE-only mode, so
-               this is a run of 1 U-Net step whose vae/ folder is kept) and passed with --vae to both models.
-  train_*      vanilla (--style-tokens 0) and CLUE (--style-tokens K): the same flags, seed and VAE.
-  sample_*     a synthetic class-folder set at the largest scale (sample.py --scale): vanilla; CLUE with
-               prior styles at each tau; optionally CLUE with its aggregated posterior (beyond the paper).
-               Smaller scales are nested class-balanced subsets that eval.py classify draws.
+changed, or a phase it depends on was re-run; an interrupted training resumes from its last checkpoint;
+--jobs J runs up to J phases at once, each as soon as the phases it depends on are done):
+  data         a seeded subset of the digits train split, N images per class, copied to OUT/real_limited/ and
+               listed in OUT/real_limited.json: train, sample and eval all read exactly these images.
+  vae          the tiny VAE, trained once on that subset (train.py phase 1, a run of 1 U-Net step whose vae/
+               folder is kept) and passed with --vae to every model.
+  external     with --external make: bench/external_digits.py writes OUT/external_digits (typeset digits).
+  train_*      for each of --seeds training seeds s (--seed, --seed + 1, ...): vanilla (--style-tokens 0) and
+               CLUE (--style-tokens K), the same flags, data and VAE; in OUT/s<s>/.
+  sample_*     synthetic class-folder sets at the largest scale: vanilla; CLUE with prior styles at each tau;
+               optionally CLUE with its aggregated posterior. Sampling seed --sample-seed + (s - --seed).
   features     the feature classifier for FID / precision / recall / density / coverage, trained on the FULL
                digits train split (eval.py train-classifier): no Inception weights exist offline.
-  metrics_*    each synthetic set (and, as a reference, the limited real set) against the real test split;
-               memorisation against the limited training set (eval.py metrics --features classifier).
-  classify_*   eval.py classify: real only, synthetic only at each scale, real + 100 % synthetic; macro F1
-               on the digits test split, mean and std over --eval-seeds classifier seeds.
-Then one Markdown table (stdout and RESULTS/paper_digits.md) and JSON (RESULTS/paper_digits.json) with
-every setting, command and the wall time of each phase. --quick writes paper_digits_quick.* instead.
-
-Left out: the paper's external test set (digits has none), Inception features, several training seeds of
-the generative models (one --seed per run; run again with another --seed and --out for a spread).
+  metrics_*    each synthetic set (and the limited real set) against the real test split; memorisation against
+               the limited training set.
+  classify_*   eval.py classify: real only, synthetic only at each scale, real + 100 % synthetic; macro F1 on
+               the digits test split (and --external), mean over --eval-seeds classifier seeds.
+  --frontier   for the first --frontier-seeds training seeds, each model's diversity knobs swept, every point a
+               cheap synthetic set (--frontier-steps DDIM steps, --frontier-scale % of the real count) through
+               sample, metrics and classify (synthetic only at that scale): vanilla over the text guidance
+               scale and over CADS condition noise, CLUE over tau and over the style guidance scale.
+Then bench/paper_digits_report.py writes RESULTS/paper_digits.md and .json (every metric as mean ± std over
+the training seeds, the paired difference CLUE - vanilla per seed, every command and phase time) and, with
+--frontier, the plots RESULTS/paper_digits_frontier_pr.png and _f1.png. --quick writes paper_digits_quick.*.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py, sample.py, eval.py live here
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import paper_digits_report as report  # noqa: E402  (bench/, beside this file: the tables and plots)
+from cli import comma_list, finite_float, non_negative_float, non_negative_int, positive_int  # noqa: E402
 
 EXAMPLES = """examples:
-  # the full comparison (30 real images per class): about an hour on one CPU thread (estimated from --quick)
-  python bench/paper_digits.py
+  # the comparison over 3 training seeds (30 real images per class), both cores
+  python bench/paper_digits.py --jobs 2 --external make
+  # ... with the diversity-fidelity frontier of every model
+  python bench/paper_digits.py --jobs 2 --external make --frontier
   # a smoke run with tiny settings (a few minutes): runs/paper_digits_quick, bench/results/paper_digits_quick.*
   python bench/paper_digits.py --quick
   # 50 images per class, two temperatures, the aggregated posterior too, on a GPU
   python bench/paper_digits.py --limit-per-class 50 --tau 0.7,1.0 --posterior posterior --device cuda \\
       --out runs/paper_digits_50
-  # pass extra flags to both train.py runs (the same for vanilla and CLUE)
+  # pass extra flags to every train.py run (the same for vanilla and CLUE)
   python bench/paper_digits.py --train-args "--kl-mode beta --beta 1e-3"
   # continue an interrupted run: the same command again (finished phases are skipped); --force redoes all
 """
 
 # Defaults of the full benchmark and of --quick; an explicit flag always wins.
 FULL = dict(limit_per_class=30, vae_steps=600, train_steps=1500, batch_size=32, sample_steps=50, sample_batch=100,
-            classify_steps=None, feature_steps=None, eval_seeds=3, out=str(ROOT / "runs" / "paper_digits"))
+            classify_steps=None, feature_steps=None, eval_seeds=3, seeds=3, external_per_class=100,
+            out=str(ROOT / "runs" / "paper_digits"))
 QUICK = dict(limit_per_class=10, vae_steps=100, train_steps=100, batch_size=32, sample_steps=10, sample_batch=100,
-             classify_steps=60, feature_steps=100, eval_seeds=1, out=str(ROOT / "runs" / "paper_digits_quick"))
-# The paper's numbers (PAPER.md; otoscopic images, Inception features: a different scale, for orientation only).
-PAPER = {"fid": (46.81, 9.30), "recall": (0.4960, 0.7029), "f1_syn_1000": (0.7383, 0.8321),
-         "f1_real_syn": (None, 0.9476)}
+             classify_steps=60, feature_steps=100, eval_seeds=1, seeds=1, external_per_class=10,
+             out=str(ROOT / "runs" / "paper_digits_quick"))
+ORDER = ["data", "vae", "external", "train", "sample", "features", "metrics", "classify"]  # --stop-after groups
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,52 +85,72 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (see QUICK in the source)")
     g = p.add_argument_group("data and models")
-    g.add_argument("--limit-per-class", type=int, help="real training images per class (default 30; quick 10)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the limited subset")
-    g.add_argument("--seed", type=int, default=0, help="training seed of the VAE and of both models (the same)")
-    g.add_argument("--style-tokens", type=int, default=4, help="K style tokens of the CLUE model")
-    g.add_argument("--vae-steps", type=int, help="tiny VAE steps (default 600; quick 100)")
-    g.add_argument("--train-steps", type=int, help="U-Net (+ style encoder) steps (default 1500; quick 100)")
-    g.add_argument("--batch-size", type=int, help="training batch (default 32, capped at the real set size)")
-    g.add_argument("--train-args", default="", help="extra train.py flags for BOTH models (later flags win)")
+    g.add_argument("--limit-per-class", type=positive_int, help="real training images per class (default 30; quick 10)")
+    g.add_argument("--data-seed", type=non_negative_int, default=0, help="seed of the limited subset")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="first training seed (the VAE's too)")
+    g.add_argument("--seeds", type=positive_int, help="training seeds per model: every metric as mean ± std over "
+                   "them, and CLUE - vanilla paired by seed (default 3; quick 1)")
+    g.add_argument("--style-tokens", type=positive_int, default=4, help="K style tokens of the CLUE model")
+    g.add_argument("--vae-steps", type=positive_int, help="tiny VAE steps (default 600; quick 100)")
+    g.add_argument("--train-steps", type=positive_int, help="U-Net (+ style encoder) steps (default 1500; quick 100)")
+    g.add_argument("--batch-size", type=positive_int, help="training batch (default 32, capped at the real set size)")
+    g.add_argument("--train-args", default="", help="extra train.py flags for every model (later flags win)")
     g = p.add_argument_group("synthetic data")
-    g.add_argument("--tau", default="1.0", help="style temperature(s) of the CLUE prior draws, comma-separated")
+    g.add_argument("--tau", type=comma_list(non_negative_float), default=[1.0],
+                   help="style temperature(s) of the CLUE prior draws, comma-separated (default 1)")
     g.add_argument("--posterior", choices=("off", "posterior", "posterior-sample"), default="off",
                    help="also sample CLUE with the aggregated posterior: the class Gaussian fitted to the "
                         "training images' mu (tau 1), or a random training image's mu (default off)")
-    g.add_argument("--scales", default="100,200,500,1000", help="synthetic-only scales, %% of the real count; "
-                   "the largest is generated")
-    g.add_argument("--sample-steps", type=int, help="DDIM steps (default 50; quick 10)")
-    g.add_argument("--guidance", type=float, default=3.0, help="text guidance scale (train.py's grid default)")
-    g.add_argument("--sample-batch", type=int, help="images per generation batch (default 100)")
-    g.add_argument("--sample-seed", type=int, default=0, help="seed of the initial noise (sample.py --seed)")
+    g.add_argument("--scales", type=comma_list(positive_int), default=[100, 200, 500, 1000],
+                   help="synthetic-only scales, %% of the real count; the largest is generated")
+    g.add_argument("--sample-steps", type=positive_int, help="DDIM steps (default 50; quick 10)")
+    g.add_argument("--guidance", type=finite_float, default=3.0, help="text guidance scale (train.py's grid default)")
+    g.add_argument("--sample-batch", type=positive_int, help="images per generation batch (default 100)")
+    g.add_argument("--sample-seed", type=non_negative_int, default=0, help="seed of the initial noise (first seed)")
+    g = p.add_argument_group("the diversity-fidelity frontier (--frontier)")
+    g.add_argument("--frontier", action="store_true", help="sweep every model's diversity knobs (see above)")
+    g.add_argument("--frontier-guidance", type=comma_list(finite_float), default=[1.0, 1.5, 2.0, 3.0, 5.0],
+                   help="vanilla: text guidance scales (default 1,1.5,2,3,5)")
+    g.add_argument("--frontier-noise", type=comma_list(non_negative_float), default=[0.1, 0.25, 0.5],
+                   help="vanilla: CADS condition noise scales at --guidance (default 0.1,0.25,0.5; 0 is the "
+                        "guidance point)")
+    g.add_argument("--frontier-tau", type=comma_list(non_negative_float), default=[0.0, 0.5, 1.0, 1.5, 2.0],
+                   help="CLUE: prior temperatures at --guidance (default 0,0.5,1,1.5,2)")
+    g.add_argument("--frontier-style-guidance", type=comma_list(finite_float), default=[0.0, 2.0, 4.0],
+                   help="CLUE: style guidance scales at tau 1 and --guidance (default 0,2,4; 1 is the tau 1 point)")
+    g.add_argument("--frontier-steps", type=positive_int, default=20, help="DDIM steps of a point (default 20)")
+    g.add_argument("--frontier-scale", type=positive_int, default=300,
+                   help="images per point, %% of the real count; its synthetic-only F1 is at this scale "
+                        "(default 300: 900 images, 1000 takes about 3x as long)")
+    g.add_argument("--frontier-eval-seeds", type=positive_int, default=1, help="classifier seeds per point")
+    g.add_argument("--frontier-seeds", type=positive_int, default=None,
+                   help="sweep the models of the first N training seeds only (default: all --seeds)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-seeds", type=int, help="classifier trainings per arm (default 3; quick 1)")
-    g.add_argument("--eval-seed", type=int, default=0, help="first classifier seed")
-    g.add_argument("--classify-steps", type=int, help="classifier steps per arm (default: eval.py's preset)")
-    g.add_argument("--feature-steps", type=int, help="steps of the feature classifier (default: the preset)")
+    g.add_argument("--eval-seeds", type=positive_int, help="classifier trainings per arm (default 3; quick 1)")
+    g.add_argument("--eval-seed", type=non_negative_int, default=0, help="first classifier seed")
+    g.add_argument("--classify-steps", type=positive_int, help="classifier steps per arm (default: eval.py's preset)")
+    g.add_argument("--feature-steps", type=positive_int, help="steps of the feature classifier (default: the preset)")
+    g.add_argument("--external", default=None,
+                   help="an external real test set, DIR/<class>/... (eval.py classify --external), or 'make': "
+                        "OUT/external_digits from bench/external_digits.py (typeset digits; a test set only)")
+    g.add_argument("--external-per-class", type=positive_int, help="--external make: images per digit (100)")
     g = p.add_argument_group("running")
     g.add_argument("--out", help="work folder (default <repo>/runs/paper_digits; quick: runs/paper_digits_quick)")
-    g.add_argument("--results-dir", default=str(ROOT / "bench" / "results"), help="where the .md/.json go")
+    g.add_argument("--results-dir", default=str(ROOT / "bench" / "results"), help="where the .md/.json/.png go")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    g.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / MKL_NUM_THREADS of the subprocesses")
+    g.add_argument("--threads", type=positive_int, default=1, help="OMP/MKL threads of each subprocess")
+    g.add_argument("--jobs", type=positive_int, default=1, help="phases run at once (2 on two cores; default 1)")
     g.add_argument("--force", action="store_true", help="redo every phase, even finished ones")
-    g.add_argument("--stop-after", choices=("data", "vae", "train", "sample", "features", "metrics"),
-                   help="stop after this phase: the table of what exists goes to stdout only")
+    g.add_argument("--stop-after", choices=ORDER[:-1], help="stop after this phase group: the table goes to stdout")
     g.add_argument("--verbose", action="store_true", help="echo the subprocesses' output (always in OUT/logs/)")
     a = p.parse_args(argv)
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    a.taus = [float(t) for t in a.tau.split(",") if t.strip()]
-    a.scale_list = sorted({int(s) for s in a.scales.split(",") if s.strip()})
-    if not a.taus or not a.scale_list or min(a.scale_list) <= 0:
-        p.error("--tau and --scales need at least one value; scales are positive percentages")
-    if min(a.limit_per_class, a.vae_steps, a.train_steps, a.batch_size, a.sample_steps, a.eval_seeds,
-           a.style_tokens, a.threads) < 1:
-        p.error("--limit-per-class, steps, --batch-size, --eval-seeds, --style-tokens, --threads must be >= 1")
+    a.taus, a.scale_list = a.tau, sorted(set(a.scales))
+    a.frontier_seeds = min(a.frontier_seeds or a.seeds, a.seeds)
     if a.device == "auto":
-        import torch
+        import torch  # lazy: only to see whether a GPU is there
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     return a
 
@@ -144,27 +174,30 @@ class Phase:
 
 
 class Runner:
-    """Runs phases in order, skipping finished ones; OUT/phases.json records commands, status and seconds."""
+    """Runs phases, skipping finished ones; OUT/phases.json records commands, status and seconds. Thread-safe:
+    run_phases calls run() from up to --jobs threads; every change to the record goes through update()."""
 
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
         self.state_file = self.out / "phases.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
         self.ran: set[str] = set()
+        self.lock = threading.Lock()
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                     "PYTHONUNBUFFERED": "1"}
 
-    def save(self):
+    def update(self, name: str, new: bool = False, **fields):
         from checkpoint import atomic_write_json
-        atomic_write_json(self.state_file, self.state)
+        with self.lock:
+            self.state[name] = fields if new else {**self.state[name], **fields}
+            atomic_write_json(self.state_file, self.state)
 
     def run(self, ph: Phase):
         rec, key = self.state.get(ph.name), ph.key()
         same = rec is not None and rec.get("command") == key
         deps_ran = [d for d in ph.deps if d in self.ran]
         if not (self.args.force or not ph.done.exists() or not same or deps_ran):
-            rec["skipped_last_run"] = True
-            self.save()
+            self.update(ph.name, skipped_last_run=True)
             log(f"[{ph.name}] done earlier ({rec.get('seconds', 0):.0f} s), skipped")
             return
         resume = (ph.resumable and same and not deps_ran and not self.args.force and rec.get("status") != "done")
@@ -173,8 +206,7 @@ class Runner:
                 shutil.rmtree(ph.output)
             ph.output.unlink(missing_ok=True)
         before = rec.get("seconds", 0.0) if resume else 0.0
-        self.state[ph.name] = {"command": key, "status": "started", "resumed": resume, "deps_rerun": deps_ran}
-        self.save()
+        self.update(ph.name, new=True, command=key, status="started", resumed=resume, deps_rerun=deps_ran)
         log(f"[{ph.name}] " + ("resuming: " if resume else "running: ") + key)
         t0 = time.time()
         try:
@@ -184,21 +216,14 @@ class Runner:
                 self._subprocess(ph, ph.argv + (["--resume", "latest"] if resume else []))
         except BaseException as e:  # failed or interrupted (Ctrl-C): keep the time spent for the resumed run
             status = self.state[ph.name]["status"]
-            self.state[ph.name].update(seconds=round(before + time.time() - t0, 1),
-                                       status=status if status.startswith("failed") else f"interrupted ({e!r})")
-            self.save()
+            self.update(ph.name, seconds=round(before + time.time() - t0, 1),
+                        status=status if status.startswith("failed") else f"interrupted ({e!r})")
             raise
         if ph.keep_only is not None:
             for item in ph.output.iterdir():
-                if item.name in ph.keep_only:
-                    continue
-                if item.is_dir():
-                    shutil.rmtree(item)
-                else:
-                    item.unlink()
-        self.state[ph.name].update(status="done", seconds=round(before + time.time() - t0, 1),
-                                   skipped_last_run=False)
-        self.save()
+                if item.name not in ph.keep_only:
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+        self.update(ph.name, status="done", seconds=round(before + time.time() - t0, 1), skipped_last_run=False)
         self.ran.add(ph.name)
         log(f"[{ph.name}] finished in {time.time() - t0:.1f} s")
 
@@ -214,10 +239,26 @@ class Runner:
                     sys.stderr.write(line)
             rc = proc.wait()
         if rc != 0:
-            self.state[ph.name]["status"] = f"failed (exit {rc})"
+            self.update(ph.name, status=f"failed (exit {rc})")
             tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:])
             raise SystemExit(f"paper_digits: phase {ph.name} failed (exit {rc}); command:\n  "
                              f"{shlex.join(['python', *argv])}\nlast lines of {log_file}:\n{tail}")
+
+
+def run_phases(runner: Runner, phases: list[Phase], jobs: int = 1):
+    """Run the phases in list order, up to `jobs` at once: a phase starts when every phase it depends on (among
+    these) has finished. A failure stops the scheduling; the phases already running finish first."""
+    names, done, pending, running = {ph.name for ph in phases}, set(), list(phases), {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            ready = [ph for ph in pending if all(d in done or d not in names for d in ph.deps)]
+            for ph in ready[:jobs - len(running)]:
+                pending.remove(ph)
+                running[pool.submit(runner.run, ph)] = ph
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done.add(running.pop(fut).name)
+                fut.result()  # re-raises a failed phase's SystemExit here
 
 
 def log(msg: str):
@@ -245,8 +286,12 @@ def materialise_limited(args, folder: Path, listing: Path):
 
 
 # ------------------------------------------------------------------------------------------ the plan
+def training_seeds(args) -> list[int]:
+    return [args.seed + i for i in range(args.seeds)]
+
+
 def arms_of(args) -> list[dict]:
-    """The synthetic sets: (name, model, sample.py style flags, label)."""
+    """The synthetic sets of the main table: (name, model, sample.py style flags, label)."""
     arms = [{"name": "vanilla", "model": "vanilla", "style": ["--style", "none"], "label": "vanilla"}]
     for tau in args.taus:
         arms.append({"name": f"clue_tau{tau:g}", "model": "clue", "style": ["--style", "prior", "--tau", f"{tau:g}"],
@@ -257,216 +302,138 @@ def arms_of(args) -> list[dict]:
     return arms
 
 
+def frontier_curves(args) -> tuple[dict, list[dict]]:
+    """The frontier: ({point id: {"model", "flags"}}, [{"label", "model", "knob", "points": [(value, id)]}]). A
+    point shared by two curves (vanilla at --guidance without noise, CLUE at tau 1 with w_s 1) is sampled once."""
+    w = f"{args.guidance:g}"
+    points, curves = {}, []
+
+    def point(pid, model, flags):
+        points[pid] = {"model": model, "flags": flags}
+        return pid
+    van = lambda g: point(f"v-g{g:g}", "vanilla", ["--style", "none", "--guidance", f"{g:g}"])  # noqa: E731
+    tau = lambda t: point(f"c-tau{t:g}", "clue", ["--style", "prior", "--tau", f"{t:g}", "--guidance", w])  # noqa: E731
+    curves.append({"label": "vanilla: guidance w", "model": "vanilla", "knob": "w",
+                   "points": [(g, van(g)) for g in sorted(set(args.frontier_guidance))]})
+    curves.append({"label": f"vanilla: CADS noise s (w {w})", "model": "vanilla", "knob": "s", "points": [
+        (s, van(args.guidance) if s == 0 else point(f"v-cads{s:g}", "vanilla", [
+            "--style", "none", "--guidance", w, "--condition-noise", f"{s:g}"]))
+        for s in sorted({0.0, *args.frontier_noise})]})
+    curves.append({"label": f"CLUE: tau (w {w})", "model": "clue", "knob": "τ",
+                   "points": [(t, tau(t)) for t in sorted(set(args.frontier_tau))]})
+    curves.append({"label": f"CLUE: style guidance w_s (tau 1, w {w})", "model": "clue", "knob": "w_s", "points": [
+        (ws, tau(1.0) if ws == 1 else point(f"c-ws{ws:g}", "clue", [
+            "--style", "prior", "--tau", "1", "--guidance", w, "--style-guidance", f"{ws:g}"]))
+        for ws in sorted({1.0, *args.frontier_style_guidance})]})
+    return points, curves
+
+
+def external_folder(args) -> Path | None:
+    if args.external is None:
+        return None
+    return Path(args.out).resolve() / "external_digits" if args.external == "make" else Path(args.external).resolve()
+
+
 def build_phases(args) -> list[Phase]:
     out = Path(args.out).resolve()
     real, listing = out / "real_limited", out / "real_limited.json"
-    n_real = args.limit_per_class * 10
-    batch = min(args.batch_size, n_real)
-    dev = ["--device", args.device]
+    batch = min(args.batch_size, args.limit_per_class * 10)
+    dev, ext = ["--device", args.device], external_folder(args)
+    ext_flags, ext_dep = (["--external", str(ext)] if ext else []), (["external"] if args.external == "make" else [])
     phases = [Phase("data", real, listing, func=lambda: materialise_limited(args, real, listing),
                     signature=json.dumps({"limit_per_class": args.limit_per_class, "seed": args.data_seed}))]
     common = ["--data", str(real), "--prompt", "a handwritten digit {class}", "--val-data", "digits:test",
-              "--preset", "tiny", "--seed", str(args.seed), *dev]
+              "--preset", "tiny", *dev]
     phases.append(Phase(  # phase 1 of train.py only: the 1-step U-Net and its checkpoint (~100 MB) are deleted
         "vae", out / "runs" / "vae", out / "runs" / "vae" / "vae" / "config.json", deps=["data"],
         keep_only=["vae", "vae_log.jsonl", "vae_recon.png"],
-        argv=["train.py", *common, "--style-tokens", "0", "--vae-steps", str(args.vae_steps),
-              "--vae-batch-size", str(batch), "--steps", "1", "--batch-size", str(batch), "--warmup-steps", "1",
-              "--sample-every", "0", "--checkpoint-every", "0", "--grid-taus", "0", "--grid-steps", "1",
-              "--diag-images", "1", "--output", str(out / "runs" / "vae")]))
-    vae = out / "runs" / "vae" / "vae"
-    for model, tokens in (("vanilla", 0), ("clue", args.style_tokens)):
-        run = out / "runs" / model
-        phases.append(Phase(
-            f"train_{model}", run, run / "final" / "config.json", deps=["data", "vae"], resumable=True,
-            argv=["train.py", *common, "--vae", str(vae), "--style-tokens", str(tokens),
-                  "--steps", str(args.train_steps), "--batch-size", str(batch), "--sample-every", "0",
-                  "--checkpoints-total-limit", "1",  # enough to resume; each checkpoint is ~100 MB
-                  "--output", str(run), *shlex.split(args.train_args)]))
-    top = max(args.scale_list)
-    for arm in arms_of(args):
-        syn = out / "synthetic" / arm["name"]
-        phases.append(Phase(
-            f"sample_{arm['name']}", syn, syn / "run.json", deps=["data", f"train_{arm['model']}"],
-            argv=["sample.py", "--model", str(out / "runs" / arm["model"] / "final"), "--data", str(real),
-                  "--scale", str(top), *arm["style"], "--steps", str(args.sample_steps),
-                  "--guidance", f"{args.guidance:g}", "--batch", str(args.sample_batch),
-                  "--seed", str(args.sample_seed), "--device", args.device, "--out", str(syn)]))
+        argv=["train.py", *common, "--seed", str(args.seed), "--style-tokens", "0", "--vae-steps",
+              str(args.vae_steps), "--vae-batch-size", str(batch), "--steps", "1", "--batch-size", str(batch),
+              "--warmup-steps", "1", "--sample-every", "0", "--checkpoint-every", "0", "--grid-taus", "0",
+              "--grid-steps", "1", "--diag-images", "1", "--output", str(out / "runs" / "vae")]))
+    if args.external == "make":
+        phases.append(Phase("external", ext, ext / "manifest.json", argv=[
+            "bench/external_digits.py", "--out", str(ext), "--per-class", str(args.external_per_class)]))
     feat = out / "feature_classifier"
     phases.append(Phase(
         "features", feat, feat / "config.json",
         argv=["eval.py", "train-classifier", "--train", "digits", "--test", "digits:test", "--out", str(feat),
               "--preset", "digits32", "--seed", str(args.eval_seed), *dev, "--quiet",
               *(["--steps", str(args.feature_steps)] if args.feature_steps else [])]))
-    metric_sets = [("real_limited", real, "data")] + \
-                  [(a["name"], out / "synthetic" / a["name"], f"sample_{a['name']}") for a in arms_of(args)]
-    for name, fake, dep in metric_sets:
-        m = out / "metrics" / name
-        phases.append(Phase(
-            f"metrics_{name}", m, m / "metrics.json", deps=[dep, "features"],
-            argv=["eval.py", "metrics", "--real", "digits:test", "--fake", str(fake),
-                  *(["--train", str(real)] if name != "real_limited" else []),
-                  "--features", "classifier", "--classifier", str(feat), "--cache-dir", str(out / "feature_cache"),
-                  "--out", str(m), *dev, "--quiet"]))
-    for arm in arms_of(args):
-        c = out / "classify" / arm["name"]
-        phases.append(Phase(
-            f"classify_{arm['name']}", c, c / "classify.json", deps=["data", f"sample_{arm['name']}"],
-            argv=["eval.py", "classify", "--train", str(real), "--synthetic", str(out / "synthetic" / arm["name"]),
-                  "--test", "digits:test", "--scales", ",".join(map(str, args.scale_list)), "--combined",
-                  "--seeds", str(args.eval_seeds), "--seed", str(args.eval_seed), "--preset", "digits32",
-                  "--out", str(c), *dev, "--quiet",
-                  *(["--steps", str(args.classify_steps)] if args.classify_steps else [])]))
+
+    def evaluate(tag, fake, dep, scales, eval_seeds, combined):
+        m, c = fake.parent.parent / "metrics" / fake.name, fake.parent.parent / "classify" / fake.name
+        return [Phase(f"metrics_{tag}", m, m / "metrics.json", deps=[dep, "features"], argv=[
+                    "eval.py", "metrics", "--real", "digits:test", "--fake", str(fake), "--train", str(real),
+                    "--features", "classifier", "--classifier", str(feat), "--cache-dir", str(out / "feature_cache"),
+                    "--out", str(m), *dev, "--quiet"]),
+                Phase(f"classify_{tag}", c, c / "classify.json", deps=["data", dep, *ext_dep], argv=[
+                    "eval.py", "classify", "--train", str(real), "--synthetic", str(fake), "--test", "digits:test",
+                    *ext_flags, "--scales", ",".join(map(str, scales)), *(["--combined"] if combined else []),
+                    "--seeds", str(eval_seeds), "--seed", str(args.eval_seed), "--preset", "digits32",
+                    "--out", str(c), *dev, "--quiet",
+                    *(["--steps", str(args.classify_steps)] if args.classify_steps else [])])]
+
+    def sample(tag, model_dir, fake, deps, flags, scale, steps, seed):
+        return Phase(f"sample_{tag}", fake, fake / "run.json", deps=deps, argv=[
+            "sample.py", "--model", str(model_dir / "final"), "--data", str(real), "--scale", str(scale), *flags,
+            "--steps", str(steps), "--batch", str(args.sample_batch), "--seed", str(seed), "--device", args.device,
+            "--out", str(fake)])
+
+    m = out / "metrics" / "real_limited"
+    phases.append(Phase("metrics_real_limited", m, m / "metrics.json", deps=["data", "features"], argv=[
+        "eval.py", "metrics", "--real", "digits:test", "--fake", str(real), "--features", "classifier",
+        "--classifier", str(feat), "--cache-dir", str(out / "feature_cache"), "--out", str(m), *dev, "--quiet"]))
+    points, _ = frontier_curves(args)
+    for i, s in enumerate(training_seeds(args)):
+        sd = out / f"s{s}"
+        for model, tokens in (("vanilla", 0), ("clue", args.style_tokens)):
+            run = sd / "runs" / model
+            phases.append(Phase(
+                f"train_{model}_s{s}", run, run / "final" / "config.json", deps=["data", "vae"], resumable=True,
+                argv=["train.py", *common, "--seed", str(s), "--vae", str(out / "runs" / "vae" / "vae"),
+                      "--style-tokens", str(tokens), "--steps", str(args.train_steps), "--batch-size", str(batch),
+                      "--sample-every", "0", "--checkpoints-total-limit", "1",  # enough to resume (~100 MB each)
+                      "--output", str(run), *shlex.split(args.train_args)]))
+        for arm in arms_of(args):
+            tag, fake = f"{arm['name']}_s{s}", sd / "synthetic" / arm["name"]
+            phases.append(sample(tag, sd / "runs" / arm["model"], fake, ["data", f"train_{arm['model']}_s{s}"],
+                                 [*arm["style"], "--guidance", f"{args.guidance:g}"], max(args.scale_list),
+                                 args.sample_steps, args.sample_seed + i))
+            phases += evaluate(tag, fake, f"sample_{tag}", args.scale_list, args.eval_seeds, True)
+        for pid, pt in (points.items() if args.frontier and i < args.frontier_seeds else ()):
+            tag, fake = f"f{pid}_s{s}", sd / "frontier" / "synthetic" / pid
+            phases.append(sample(tag, sd / "runs" / pt["model"], fake, ["data", f"train_{pt['model']}_s{s}"],
+                                 pt["flags"], args.frontier_scale, args.frontier_steps, args.sample_seed + i))
+            phases += evaluate(tag, fake, f"sample_{tag}", [args.frontier_scale], args.frontier_eval_seeds, False)
     return phases
 
 
 def group_of(name: str) -> str:
-    """The --stop-after group of a phase: train_clue -> train, metrics_vanilla -> metrics, vae -> vae."""
+    """The --stop-after group of a phase: train_clue_s0 -> train, metrics_vanilla_s1 -> metrics, vae -> vae."""
     return name.split("_")[0]
 
 
-# ------------------------------------------------------------------------------------------ the report
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def collect(args) -> dict:
-    """Everything the phases wrote, in one JSON-ready dict."""
-    out = Path(args.out).resolve()
-    res = {"arms": {}, "reference": {}}
-    for arm in arms_of(args):
-        m = read_json(out / "metrics" / arm["name"] / "metrics.json")
-        c = read_json(out / "classify" / arm["name"] / "classify.json")
-        entry = {"label": arm["label"], "model": arm["model"], "style_flags": arm["style"], "metrics": m}
-        if c:
-            entry["classify"] = {"n_real": c["n_real"], "seeds": c["seeds"], "recipe": c["recipe"],
-                                 "arms": [{k: a[k] for k in ("arm", "scale_percent", "n_images")} |
-                                          {"macro_f1": a["test"]["macro_f1"], "mean": a["test"]["mean"],
-                                           "std": a["test"]["std"], "accuracy_mean": a["test"]["accuracy_mean"]}
-                                          for a in c["arms"]]}
-        s = read_json(out / "synthetic" / arm["name"] / "run.json")
-        entry["n_synthetic"] = s["n_files"] if s else None
-        res["arms"][arm["name"]] = entry
-    res["reference"]["real_limited_vs_test"] = read_json(out / "metrics" / "real_limited" / "metrics.json")
-    feat = read_json(out / "feature_classifier" / "config.json")
-    res["reference"]["feature_classifier"] = None if feat is None else {
-        "trained_on": feat.get("trained_on"), "seed": feat.get("seed"), "classifier": feat.get("classifier"),
-        "recipe": feat.get("recipe"), "test": {k: feat["test"][k] for k in ("macro_f1", "accuracy")}
-        if feat.get("test") else None}
-    res["training"] = {m: read_json(out / "runs" / m / "summary.json") for m in ("vanilla", "clue")}
-    res["real_limited"] = read_json(out / "real_limited.json")
-    return res
-
-
-def f1_of(entry: dict, arm: str, scale) -> dict | None:
-    for a in (entry.get("classify") or {}).get("arms", []):
-        if a["arm"] == arm and a["scale_percent"] == scale:
-            return a
-    return None
-
-
-def fmt(x, digits=3, pm=None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.{digits}f}" + (f" ± {pm:.{digits}f}" if pm else "")
-
-
-def markdown(args, res: dict, phases: dict, wall: float) -> str:
-    arms = arms_of(args)
-    cols = [res["arms"][a["name"]] for a in arms]
-    head = "| metric | " + " | ".join(a["label"] for a in arms) + " | paper: vanilla / CLUE |"
-    lines = [f"## CLUE vs vanilla fine-tuning on digits, {args.limit_per_class} real images per class"
-             + (" (--quick: smoke settings, not a result)" if args.quick else ""), "", head,
-             "|---|" + "---|" * len(arms) + "---|"]
-
-    def row(name, values, paper=None):
-        ref = "" if paper is None else " / ".join("-" if v is None else f"{v:g}" for v in paper)
-        lines.append(f"| {name} | " + " | ".join(values) + f" | {ref} |")
-
-    met = lambda key, d=3: [fmt((c["metrics"] or {}).get(key), d) for c in cols]  # noqa: E731
-    row("FID ↓ (classifier features, vs real test)", met("fid", 2), PAPER["fid"])
-    row("k-NN precision (k=3)", met("precision"))
-    row("k-NN recall (k=3)", met("recall"), PAPER["recall"])
-    row("density (k=5)", met("density"))
-    row("coverage (k=5)", met("coverage"))
-    row("memorised fraction (vs the limited train set)",
-        [fmt(((c["metrics"] or {}).get("memorisation") or {}).get("memorised_fraction")) for c in cols])
-    for s in args.scale_list:
-        cells = [f1_of(c, "synthetic", s) for c in cols]
-        row(f"F1, synthetic only, {s} %", [fmt(a and a["mean"], 3, a and a["std"]) for a in cells],
-            PAPER["f1_syn_1000"] if s == 1000 else None)
-    cells = [f1_of(c, "real+synthetic", 100) for c in cols]
-    row("F1, real + 100 % synthetic", [fmt(a and a["mean"], 3, a and a["std"]) for a in cells], PAPER["f1_real_syn"])
-    cells = [f1_of(c, "real", None) for c in cols]
-    row(f"F1, real only ({args.limit_per_class * 10} images; same runs in every column)",
-        [fmt(a and a["mean"], 3, a and a["std"]) for a in cells])
-    ref, feat = res["reference"]["real_limited_vs_test"], res["reference"]["feature_classifier"]
-    lines += ["", "F1: macro F1 on the digits test split, mean ± std over "
-              f"{args.eval_seeds} classifier seed(s). Synthetic sets: {max(args.scale_list)} % of the real count "
-              f"per class, {args.sample_steps} DDIM steps, guidance {args.guidance:g}. The paper's column is a "
-              "different dataset (otoscopy) with Inception features: for orientation only."]
-    if ref:
-        lines += ["", f"Reference, the {ref['n_fake']} limited real training images vs the {ref['n_real']} test "
-                  f"images: FID {ref['fid']:.2f}, precision {ref['precision']:.3f}, recall {ref['recall']:.3f}, "
-                  f"density {ref['density']:.3f}, coverage {ref['coverage']:.3f} (fewer images than the synthetic "
-                  "sets: k-NN metrics depend on set sizes)."]
-    if feat and feat.get("test"):
-        lines += [f"Feature classifier (trained on the full train split): test macro F1 "
-                  f"{feat['test']['macro_f1']:.3f}."]
-    diag = (res["training"].get("clue") or {}).get("diagnostics") or {}
-    if diag:
-        lines += [f"CLUE style latent (held-out): KL per dim {fmt(diag.get('kl_per_dim'), 4)}, active units "
-                  f"{diag.get('active_units')}, denoising loss with the style from the encoder "
-                  f"{fmt(diag.get('loss_encoder'), 4)}, prior {fmt(diag.get('loss_prior'), 4)}, aggregated "
-                  f"posterior {fmt(diag.get('loss_aggregate'), 4)}, none {fmt(diag.get('loss_none'), 4)}."]
-    lines += ["", "| phase | seconds |", "|---|---|"]
-    lines += [f"| {name} | {rec.get('seconds', '-')} |" for name, rec in phases.items()]
-    lines += [f"| total of the phases | {sum(r.get('seconds', 0) for r in phases.values()):.1f} |",
-              f"| this invocation (wall; {sum(bool(r.get('skipped_last_run')) for r in phases.values())} phases "
-              f"done earlier, skipped) | {wall:.1f} |", "",
-              f"Settings: limit {args.limit_per_class}/class (data seed {args.data_seed}), training seed "
-              f"{args.seed}, {args.train_steps} steps (VAE {args.vae_steps}), batch {args.batch_size}, style tokens "
-              f"{args.style_tokens}, train args {args.train_args!r}, tau {args.tau}, device {args.device}, "
-              f"{args.threads} thread(s). Commands: the JSON beside this file."]
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------ main
+def plan_of(args) -> dict:
+    """What the report needs to know of the plan (paper_digits_report.collect)."""
+    points, curves = frontier_curves(args)
+    return {"seeds": training_seeds(args), "arms": arms_of(args), "points": points, "curves": curves,
+            "external": external_folder(args)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(args)
-    phases = build_phases(args)
-    order = ["data", "vae", "train", "sample", "features", "metrics", "classify"]
-    for ph in phases:
-        if args.stop_after and order.index(group_of(ph.name)) > order.index(args.stop_after):
-            continue
-        runner.run(ph)
-    wall = time.time() - t0
+    phases = [ph for ph in build_phases(args)
+              if not args.stop_after or ORDER.index(group_of(ph.name)) <= ORDER.index(args.stop_after)]
+    run_phases(runner, phases, args.jobs)
     names = {ph.name for ph in phases}
     phase_times = {k: v for k, v in runner.state.items() if k in names}
-    res = collect(args)
-    import torch
-    record = {"benchmark": "bench/paper_digits.py", "quick": args.quick, "settings": vars(args),
-              "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                              "cpu_count": os.cpu_count(), "device": args.device, "threads": args.threads},
-              "phases": phase_times, "wall_seconds_this_invocation": round(wall, 1),
-              "work_folder": str(out.resolve()), **res}
-    text = markdown(args, res, phase_times, wall)
-    print(text)
-    if args.stop_after:  # a partial table must not replace a finished one
-        log(f"--stop-after {args.stop_after}: nothing written to {args.results_dir}; work folder {out}")
-        return record
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    stem = "paper_digits_quick" if args.quick else "paper_digits"
-    from checkpoint import atomic_write_json
-    (results / f"{stem}.md").write_text(text + "\n")
-    atomic_write_json(results / f"{stem}.json", json.loads(json.dumps(record, default=str)))
-    log(f"wrote {results / (stem + '.md')} and {results / (stem + '.json')}; work folder {out}")
-    return record
+    return report.write(args, plan_of(args), phase_times, time.time() - t0)
 
 
 if __name__ == "__main__":

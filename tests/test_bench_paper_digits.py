@@ -1,19 +1,23 @@
 """bench/paper_digits.py: a smoke run of the whole comparison with minuscule settings (3 real digits per class,
-2 training steps, 2 DDIM steps, 3 classifier steps), and the bookkeeping a user relies on to resume a run
-(in process, on cheap phases: a second full invocation would cost another dozen interpreter starts): finished
-phases are skipped, a changed command or a re-run dependency re-runs a phase, --force re-runs all.
+2 training seeds, 2 training steps, 2 DDIM steps, 3 classifier steps, a four-point frontier on the first seed, a
+20-image external set, two phases at a time), and the bookkeeping a user relies on to resume a run (in process,
+on cheap phases): finished phases are skipped, a changed command or a re-run dependency re-runs a phase, --force
+re-runs all, --jobs runs a phase only after those it depends on.
 
 The numbers of such a run mean nothing; the test checks that every phase ran through the real programs
-(train.py, sample.py, eval.py) on the same limited real set, and that the report and the JSON hold them."""
+(train.py, sample.py, eval.py, bench/external_digits.py) on the same limited real set, that the report's
+summaries and paired differences are those of the per-seed numbers, and that the plots were written."""
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -21,7 +25,11 @@ import paper_digits  # noqa: E402
 
 SMOKE = ["--quick", "--limit-per-class", "3", "--vae-steps", "2", "--train-steps", "2", "--batch-size", "8",
          "--sample-steps", "2", "--sample-batch", "64", "--scales", "100,200", "--classify-steps", "3",
-         "--feature-steps", "3", "--train-args", "--grid-steps 1 --grid-taus 0 --diag-images 8 --warmup-steps 1"]
+         "--feature-steps", "3", "--train-args", "--grid-steps 1 --grid-taus 0 --diag-images 8 --warmup-steps 1",
+         "--seeds", "2", "--jobs", "2", "--external", "make", "--external-per-class", "2",
+         "--frontier", "--frontier-seeds", "1", "--frontier-guidance", "3", "--frontier-noise", "0.5",
+         "--frontier-tau", "1", "--frontier-style-guidance", "0", "--frontier-scale", "100", "--frontier-steps", "2"]
+POINTS = ["v-g3", "v-cads0.5", "c-tau1", "c-ws0"]
 
 
 def run_bench(tmp, extra=()):
@@ -45,42 +53,69 @@ def test_smoke_run(tmp_path):
     assert sorted(p.relative_to(work / "real_limited").as_posix()
                   for p in (work / "real_limited").rglob("*.png")) == sorted(listing["files"])
 
-    # both models: the same command but for --style-tokens and the run folder; the same trained VAE
+    # per seed, both models: the same command but for --style-tokens and the run folder; the same trained VAE;
+    # the two seeds differ in --seed and the folders only
     phases = json.loads((work / "phases.json").read_text())
-    van, clue = phases["train_vanilla"]["command"].split(), phases["train_clue"]["command"].split()
-    diff = [(a, b) for a, b in zip(van, clue) if a != b]
-    assert len(van) == len(clue) and diff == [("0", "4"), (str(work / "runs" / "vanilla"), str(work / "runs" / "clue"))]
-    assert str(work / "runs" / "vae" / "vae") in van
+    cmd = {(m, s): phases[f"train_{m}_s{s}"]["command"].split() for m in ("vanilla", "clue") for s in (0, 1)}
+    for s in (0, 1):
+        van, clue = cmd["vanilla", s], cmd["clue", s]
+        diff = [(a, b) for a, b in zip(van, clue) if a != b]
+        assert len(van) == len(clue) and diff == [("0", "4"), (str(work / f"s{s}" / "runs" / "vanilla"),
+                                                               str(work / f"s{s}" / "runs" / "clue"))]
+        assert str(work / "runs" / "vae" / "vae") in van
+    diff = {(a, b) for a, b in zip(cmd["clue", 0], cmd["clue", 1]) if a != b}
+    assert diff == {("0", "1"), (str(work / "s0" / "runs" / "clue"), str(work / "s1" / "runs" / "clue"))}
     assert sorted(p.name for p in (work / "runs" / "vae").iterdir()) == ["vae", "vae_log.jsonl", "vae_recon.png"]
-    assert json.loads((work / "runs" / "clue" / "final" / "config.json").read_text())["style"] is not None
-    assert json.loads((work / "runs" / "vanilla" / "final" / "config.json").read_text())["style"] is None
+    assert json.loads((work / "s1" / "runs" / "clue" / "final" / "config.json").read_text())["style"] is not None
 
-    # synthetic sets at the largest scale (200 % of 3 = 6 per class), from the same real class folders
-    for arm in ("vanilla", "clue_tau1"):
-        for c in range(10):
-            assert len(list((work / "synthetic" / arm / str(c)).glob("*.png"))) == 6
+    # synthetic sets at the largest scale (200 % of 3 = 6 per class); frontier points (100 %) on seed 0 only
+    for s in (0, 1):
+        for arm in ("vanilla", "clue_tau1"):
+            assert all(len(list((work / f"s{s}" / "synthetic" / arm / str(c)).glob("*.png"))) == 6 for c in range(10))
+    assert sorted(p.name for p in (work / "s0" / "frontier" / "synthetic").iterdir()) == sorted(POINTS)
+    assert not (work / "s1" / "frontier").exists()
+    flags = {p: phases[f"sample_f{p}_s0"]["command"] for p in POINTS}
+    assert "--condition-noise 0.5" in flags["v-cads0.5"] and "--style-guidance 0" in flags["c-ws0"]
+    assert all("--steps 2 " in f and "--scale 100 " in f and "--guidance 3" in f for f in flags.values())
 
-    # report: stdout == the .md file; the JSON has every phase with its time and the parsed results
+    # the external set: 2 typeset images per digit, used by every classify phase
+    manifest = json.loads((work / "external_digits" / "manifest.json").read_text())
+    assert manifest["counts"] == {str(d): 2 for d in range(10)} and len(manifest["images"]) == 20
+    assert all(f"--external {work / 'external_digits'}" in r["command"] for k, r in phases.items()
+               if k.startswith("classify_"))
+
+    # report: stdout == the .md file; the JSON has every phase, the per-seed numbers and their summaries
     md = (results / "paper_digits_quick.md").read_text()
     assert proc.stdout.strip() == md.strip()
-    assert "| metric | vanilla | CLUE (prior, τ=1) |" in md and "F1, synthetic only, 200 %" in md
+    assert ("| metric | vanilla | CLUE (prior, τ=1) | CLUE (prior, τ=1) − vanilla (paired) |" in md
+            and "F1 test, synthetic only, 200 %" in md and "F1 external, synthetic only, 200 %" in md)
     rec = json.loads((results / "paper_digits_quick.json").read_text())
-    names = {"data", "vae", "train_vanilla", "train_clue", "sample_vanilla", "sample_clue_tau1", "features",
-             "metrics_real_limited", "metrics_vanilla", "metrics_clue_tau1", "classify_vanilla", "classify_clue_tau1"}
-    assert set(rec["phases"]) == names and all(r["status"] == "done" and r["seconds"] >= 0
-                                               for r in rec["phases"].values())
+    names = {"data", "vae", "external", "features", "metrics_real_limited"} | {
+        f"{kind}_{arm}_s{s}" for s in (0, 1) for arm in ("vanilla", "clue_tau1")
+        for kind in ("sample", "metrics", "classify")} | {f"train_{m}_s{s}" for m in ("vanilla", "clue")
+                                                          for s in (0, 1)} | {
+        f"{kind}_f{p}_s0" for p in POINTS for kind in ("sample", "metrics", "classify")}
+    assert set(rec["phases"]) == names and all(r["status"] == "done" for r in rec["phases"].values())
     for arm in ("vanilla", "clue_tau1"):
-        a = rec["arms"][arm]
-        assert a["metrics"]["n_real"] == 359 and a["metrics"]["n_fake"] == 60 and a["n_synthetic"] == 60
-        assert a["metrics"]["features"] == "classifier" and a["metrics"]["n_train"] == 30  # memorisation vs limited
-        got = {(x["arm"], x["scale_percent"]): x["n_images"] for x in a["classify"]["arms"]}
-        assert got == {("real", None): 30, ("synthetic", 100): 30, ("synthetic", 200): 60,
-                       ("real+synthetic", 100): 60}
-    real_f1 = [paper_digits.f1_of(rec["arms"][a], "real", None)["mean"] for a in ("vanilla", "clue_tau1")]
-    assert real_f1[0] == pytest.approx(real_f1[1], abs=1e-12)  # the same real-only runs in every column
-    assert rec["reference"]["real_limited_vs_test"]["n_fake"] == 30
-    assert rec["real_limited"]["files"] == listing["files"] and rec["settings"]["limit_per_class"] == 3
+        for s in ("0", "1"):
+            a = rec["arms"][arm]["per_seed"][s]
+            assert a["n_synthetic"] == 60 and all(a.get(k) is not None for k in (
+                "recall", "fid", "memorised", "syn_test_100", "syn_external_200", "real+syn_test", "real_external"))
+        summ = rec["arms"][arm]["summary"]["recall"]
+        assert summ["n"] == 2 and summ["mean"] == pytest.approx(sum(summ["values"]) / 2)
+    van, clue = (rec["arms"][a]["per_seed"] for a in ("vanilla", "clue_tau1"))
+    for key in ("recall", "syn_test_200", "syn_external_200"):
+        d = rec["paired_minus_vanilla"]["clue_tau1"][key]
+        assert d["values"] == pytest.approx([clue[s][key] - van[s][key] for s in ("0", "1")])
+    assert [van[s]["real_test"] for s in ("0", "1")] == [clue[s]["real_test"] for s in ("0", "1")]
 
+    # the frontier: every point scored, the CLUE points against vanilla at the same precision, the two plots
+    assert all(rec["frontier"][p]["summary"]["recall"]["n"] == 1 for p in POINTS)
+    assert all("syn_test_100" in rec["frontier"][p]["summary"] for p in POINTS)
+    assert {r["point"] for r in rec["matched_precision"]} == {"c-tau1", "c-ws0"}
+    for suffix in ("pr", "f1"):
+        assert Image.open(results / f"paper_digits_quick_frontier_{suffix}.png").size[0] > 300
+    assert "### Diversity-fidelity frontier" in md and "CLUE against vanilla at the same precision" in md
 
 
 def test_runner_reruns_what_changed(tmp_path):
@@ -114,6 +149,29 @@ def test_runner_reruns_what_changed(tmp_path):
     assert run_all(sig_a="a2", force=True) == ["a", "b", "c"]
 
 
+def test_jobs_wait_for_dependencies(tmp_path):
+    """run_phases with 2 jobs: an independent phase runs beside a slow one, a dependent one only after it."""
+    args = Namespace(out=str(tmp_path), force=False, threads=1, verbose=False)
+    spans, lock = {}, threading.Lock()
+
+    def make(name, deps, seconds):
+        out = tmp_path / name
+
+        def func():
+            t0 = time.time()
+            time.sleep(seconds)
+            out.mkdir()
+            (out / "done").write_text("x")
+            with lock:
+                spans[name] = (t0, time.time())
+        return paper_digits.Phase(name, out, out / "done", func=func, signature=name, deps=deps)
+    paper_digits.run_phases(paper_digits.Runner(args), [make("a", [], 0.4), make("b", ["a"], 0.0),
+                                                        make("c", [], 0.0)], jobs=2)
+    assert spans["c"][0] < spans["a"][1] <= spans["b"][0]
+    state = json.loads((tmp_path / "phases.json").read_text())
+    assert all(state[k]["status"] == "done" for k in "abc")
+
+
 def test_interrupted_subprocess_phase_resumes(tmp_path):
     """A resumable phase (train.py) that failed part-way is continued with --resume latest, its folder kept;
     the failure names the phase, the command and the log's last lines."""
@@ -130,3 +188,22 @@ def test_interrupted_subprocess_phase_resumes(tmp_path):
     assert (out / "done").read_text() == f"{out} --resume latest"
     rec = json.loads((tmp_path / "phases.json").read_text())["t"]
     assert rec["status"] == "done" and rec["resumed"] is True
+
+
+def test_external_digits_reproducible_and_digits_like(tmp_path):
+    """bench/external_digits.py: the same seed writes the same files; 8x8 ink counts 0..16 as the optdigits
+    preprocessing gives, drawn as data.py draws the digits (32 px, dark on white); the glyph fills the height."""
+    import numpy as np
+
+    import external_digits
+    a, b, c = (external_digits.make_external(tmp_path / name, 2, seed) for name, seed in (("a", 0), ("b", 0),
+                                                                                              ("c", 1)))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 20 and a == b and a["images"] != c["images"]
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    counts = external_digits.render("4", external_digits.fonts()[0], external_digits.draw_params(
+        np.random.default_rng(0)))
+    assert counts.shape == (8, 8) and counts.min() == 0 and 8 <= counts.max() <= 16
+    assert (counts.max(axis=1) > 0).all()  # normalised to the full height: ink in every row
+    img = Image.open(tmp_path / "a" / files[0])
+    assert img.size == (32, 32) and img.mode == "L" and np.asarray(img).max() == 255
