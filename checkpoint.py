@@ -2,9 +2,10 @@
 
 A checkpoint is a folder: model.safetensors (tensors named `<part>.<name>`: unet.*, vae.*, style_encoder.*, ...) and
 config.json ({"format": "clue-pytorch", "version": 1, "kind": ..., a section per config dataclass, ...}), for CLUE,
-SD, the tiny VAE, training state and the classifier alike (`kind` says which). Files are replaced atomically, the JSON
-last: a folder that has it is complete. Reading validates once, here: sections, field types, every tensor (the audit,
-STYLE.md point 7); anything broken raises CheckpointError naming the file and the key."""
+SD, the tiny VAE, training state and the classifier alike (`kind` says which); a LoRA fine-tune's holds what trained,
+in lora.safetensors, and names the base. Files are replaced atomically, the JSON last: a folder that has it is
+complete. Reading validates once, here: sections, field types, every tensor (the audit, STYLE.md point 7); anything
+broken raises CheckpointError naming the file and the key."""
 from __future__ import annotations
 
 import contextlib
@@ -22,13 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clue import CLUE, POSTERIOR_TENSORS, CLUEConfig, StableDiffusion
+from lora import LoRAConfig, add_lora, lora_settings, lora_trains, merge_lora
 from schedulers import SD_SAMPLER, SD_SCHEDULE, NoiseSchedule
 from style_encoder import StyleConfig, StyleEncoder
 from text_encoder import TextConfig, TextEncoder
 from unet import UNet, UNetConfig, is_style_param
 from vae import VAE, VAEConfig
 
-FORMAT, FORMAT_VERSION = "clue-pytorch", 1
+FORMAT, FORMAT_VERSION, LORA_FILE = "clue-pytorch", 1, "lora.safetensors"  # LORA_FILE: a LoRA folder's tensors
 
 
 class CheckpointError(ValueError):
@@ -54,8 +56,7 @@ def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    os.umask(umask := os.umask(0))  # reading the umask means setting it: set it back at once
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
         write(tmp)
@@ -93,9 +94,8 @@ def write_checkpoint(folder, kind: str, config: dict, tensors: dict, json_name: 
                      tensors_name: str = "model.safetensors") -> None:
     """folder/tensors_name, then folder/json_name = {"format", "version", "kind", **config}. `kind` says what reads
     it back: "clue", "stable_diffusion", "vae" (the tiny VAE phase), "classifier", "training_state"."""
-    folder = Path(folder)
-    atomic_write_safetensors(folder / tensors_name, tensors, metadata={"format": FORMAT, "kind": kind})
-    atomic_write_json(folder / json_name, {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, **config})
+    atomic_write_safetensors(Path(folder) / tensors_name, tensors, metadata={"format": FORMAT, "kind": kind})
+    atomic_write_json(Path(folder) / json_name, {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, **config})
 
 
 # ---- reading: files, our format, config dataclasses with their field types checked -----------------------------------
@@ -154,8 +154,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def _checked(value, hint, where: str):
-    """A JSON value as a field of type `hint`: int, float, bool, str, dict, tuple[X, ...] / list[X] (from a list),
-    X | None."""
+    """A JSON value as a field of type `hint`: int, float, bool, str, dict, tuple[X, ...] / list[X], X | None."""
     args, origin = typing.get_args(hint), typing.get_origin(hint) or hint
     if type(None) in args:
         return None if value is None else _checked(value, next(a for a in args if a is not type(None)), where)
@@ -325,14 +324,19 @@ _TOP = {"prediction_type": str | None, "scale_factor": float, "image_size": int 
 _SCHEDULE = {**{k: type(v) for k, v in SD_SCHEDULE.items()}, "prediction_type": str}
 _SAMPLER = {k: type(v) for k, v in SD_SAMPLER.items()}
 _POSTERIOR = {"classes": tuple[str, ...], "prompts": tuple[str, ...], "counts": tuple[int, ...]}
+_SD_KEYS = {"format", "version", "kind", "unet", "vae", "text", "schedule", "sampler", "lora", *_TOP}  # the rest: extra
 
 
-def load_sd_folder(folder, prediction_type: str | None = None, style: bool | None = None) -> StableDiffusion:
+def load_sd_folder(folder, prediction_type: str | None = None, style: bool | None = None, load_base=None,
+                   merge: bool = True) -> StableDiffusion:
     """Our folder -> StableDiffusion, what is beyond SD in extra_config / extra_tensors. `style`: None = the U-Net as
-    stored; True adds the zero-initialised style branch where it has none; False leaves it out."""
+    stored; True adds the zero-initialised style branch where it has none; False leaves it out. A LoRA folder is its
+    base, load_base(lora.base, prediction type, style) (convert.load_stable_diffusion: any source), with the trained
+    tensors put in through the audit (every adapter and style layer) and, with `merge`, the adapters merged."""
     folder = Path(folder)
-    config, tensors = read_checkpoint(folder, ("stable_diffusion", "clue"))
-    where, weights = folder / "config.json", folder / "model.safetensors"
+    lora_folder = (where := folder / "config.json").is_file() and "lora" in read_json(where)  # (JSON written last)
+    weights = folder / (LORA_FILE if lora_folder else "model.safetensors")
+    config, tensors = read_checkpoint(folder, ("stable_diffusion", "clue"), tensors_name=weights.name)
     if lacking := [k for k in ("unet", "vae", "text", "schedule") if k not in config]:
         raise CheckpointError(f"{where}: missing the {', '.join(lacking)} section(s)")
     stored, vae_cfg, text_cfg = (config_from_dict(cls, config[k], f"{where} [{k}]")
@@ -350,33 +354,44 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
         head, _, rest = k.partition(".")
         parts.setdefault(head, {})[rest] = v
     unet_sd, notes = parts.pop("unet", {}), []
-    if not unet_cfg.style:  # a CLUE checkpoint loaded as plain SD: its style layers are left out
-        dropped = [k for k in unet_sd if is_style_param(k)]
+    if not unet_cfg.style and (dropped := [k for k in unet_sd if is_style_param(k)]):  # a CLUE checkpoint as plain SD
         unet_sd = {k: v for k, v in unet_sd.items() if not is_style_param(k)}
-        if dropped:
-            notes.append(f"U-Net: {len(dropped)} style-branch tensors left out (style=False)")
+        notes.append(f"U-Net: {len(dropped)} style-branch tensors left out (style=False)")
     # Style layers the config says are stored must be in the file; only a branch added here keeps its zero init.
     keep = is_style_param if unet_cfg.style and not stored.style else (lambda name: False)
     clue_size = isinstance(config.get("clue"), dict) and config["clue"].get("image_size")
-    known = {"format", "version", "kind", "unet", "vae", "text", "schedule", "sampler", *_TOP}
+    vae_sd, text_sd = parts.pop("vae", {}), parts.pop("text_encoder", {})
+    extra = dict(extra_config={k: v for k, v in config.items() if k not in _SD_KEYS},
+                 extra_tensors={f"{head}.{k}": v for head, part in parts.items() for k, v in part.items()})
+    if lora_folder:  # the base's modules, the adapters and style layers put in (LoRA Eq. 3)
+        if load_base is None:
+            raise CheckpointError(f"{folder}: a LoRA folder: load it with convert.load_stable_diffusion (its base too)")
+        lora = config_from_dict(LoRAConfig, config.get("lora"), f"{where} [lora]")
+        sd = load_base(lora.base, prediction_type, unet_cfg.style)
+        add_lora(sd.unet, lora.rank, lora.alpha)
+        load_mapped(sd.unet, *apply_rules(unet_sd, IDENTITY), "LoRA (unet.*)", weights,
+                    lambda name: not lora_trains(name) or keep(name))  # the base's weights, a style branch added here
+        if merge:
+            merge_lora(sd.unet)  # W + (alpha / r) B A: plain Linear layers again
+        return dataclasses.replace(sd, **extra)
     return build_stable_diffusion(
         (unet_cfg, vae_cfg, text_cfg),
         [(*apply_rules(unet_sd, IDENTITY), "U-Net (unet.*)", weights, keep),
-         (*apply_rules(parts.pop("vae", {}), IDENTITY), "VAE (vae.*)", weights),
-         (*apply_rules(parts.pop("text_encoder", {}), IDENTITY), "text encoder (text_encoder.*)", weights)],
+         (*apply_rules(vae_sd, IDENTITY), "VAE (vae.*)", weights),
+         (*apply_rules(text_sd, IDENTITY), "text encoder (text_encoder.*)", weights)],
         schedule, folder, scale_factor=float(top.get("scale_factor", vae_cfg.scale_factor)),
         image_size=int(top.get("image_size") or clue_size or (768 if prediction_type == "v_prediction" else 512)),
-        sampler_config=dict(sampler), source=f"{FORMAT} folder", notes=notes,
-        extra_config={k: v for k, v in config.items() if k not in known},
-        extra_tensors={f"{head}.{k}": v for head, part in parts.items() for k, v in part.items()})
+        sampler_config=dict(sampler), source=f"{FORMAT} folder", notes=notes, **extra)
 
 
 def save_stable_diffusion(sd: StableDiffusion, out_dir, dtype: torch.dtype | None = None,
-                          extra_config: dict | None = None, extra_tensors: dict | None = None) -> None:
-    """Our format, kind "clue" when the config has a clue section; `dtype` casts floating-point tensors."""
-    tensors = {f"{prefix}.{k}": v for prefix, module in (("unet", sd.unet), ("vae", sd.vae),
-                                                         ("text_encoder", sd.text_encoder))
-               for k, v in module.state_dict().items()}
+                          extra_config: dict | None = None, extra_tensors: dict | None = None, base: str | None = None):
+    """Our format, kind "clue" when the config has a clue section; `dtype` casts floating-point tensors. Adapters on
+    the U-Net make a LoRA folder: what trained in LORA_FILE, "lora": {base (the weights adapted), rank, alpha}."""
+    lora = lora_settings(sd.unet)  # {"rank", "alpha"}, or None without adapters
+    parts = (("unet", sd.unet),) if lora else (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder))
+    tensors = {f"{prefix}.{k}": v for prefix, module in parts for k, v in module.state_dict().items()
+               if not lora or lora_trains(k)}
     tensors.update({**sd.extra_tensors, **(extra_tensors or {})})
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -384,12 +399,16 @@ def save_stable_diffusion(sd: StableDiffusion, out_dir, dtype: torch.dtype | Non
               "schedule": sd.schedule.to_dict(), "prediction_type": sd.prediction_type, "scale_factor": sd.scale_factor,
               "image_size": sd.image_size, "sampler": sd.sampler_config, "source": sd.source, **sd.extra_config,
               **(extra_config or {})}
-    write_checkpoint(out_dir, "clue" if "clue" in config else "stable_diffusion", config, tensors)
+    if lora:  # a local base is recorded as an absolute path, a Hugging Face repo id as it is
+        config["lora"] = asdict(LoRAConfig(str(Path(base).resolve()) if base and Path(base).exists() else base, **lora))
+    write_checkpoint(out_dir, "clue" if "clue" in config else "stable_diffusion", config, tensors,
+                     tensors_name=LORA_FILE if lora else "model.safetensors")
 
 
-def save_clue(model: CLUE, path, extra: dict | None = None, dtype: torch.dtype | None = None) -> None:
+def save_clue(model: CLUE, path, extra: dict | None = None, dtype: torch.dtype | None = None, base: str | None = None):
     """save_stable_diffusion with the CLUE parts: `style_encoder.*` and `style_posterior.<i>.<POSTERIOR_TENSORS>`
-    tensors; "style", "clue", "style_posterior" (classes, prompts, counts), "diagnostics", "train" (`extra`)."""
+    tensors; "style", "clue", "style_posterior" (classes, prompts, counts), "diagnostics", "train" (`extra`). `base`:
+    the weights a LoRA fine-tune adapts (needed with adapters on the U-Net)."""
     tensors = {f"style_encoder.{k}": v for k, v in (model.style_encoder.state_dict().items()
                                                     if model.style_encoder is not None else ())}
     classes = list(model.style_posterior)
@@ -400,7 +419,7 @@ def save_clue(model: CLUE, path, extra: dict | None = None, dtype: torch.dtype |
               "style_posterior": {"classes": classes, "prompts": [model.style_posterior[c]["prompt"] for c in classes],
                                   "counts": [len(model.style_posterior[c]["mus"]) for c in classes]},
               "diagnostics": model.last_diagnostics, "train": extra}
-    save_stable_diffusion(model.as_stable_diffusion(), path, dtype, extra_config=config, extra_tensors=tensors)
+    save_stable_diffusion(model.as_stable_diffusion(), path, dtype, config, tensors, base)
 
 
 _NOT_CLUE = ("not a CLUE checkpoint (no 'clue' section in config.json); for plain SD weights use "
@@ -431,10 +450,9 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
         raise CheckpointError(f"{config_file} [style_posterior]: {len(classes)} classes but {len(prompts)} prompts")
     for i, name in enumerate(classes):
         keys = [f"style_posterior.{i}.{k}" for k in POSTERIOR_TENSORS]
-        if any(k not in tensors for k in keys):
-            raise CheckpointError(f"{weights}: the style posterior of class {name!r} lacks tensors "
-                                  f"{[k for k in keys if k not in tensors]}; refit it: "
-                                  "model.fit_style_posterior(loader), then save_clue(model, path)")
+        if lacking := [k for k in keys if k not in tensors]:
+            raise CheckpointError(f"{weights}: the style posterior of class {name!r} lacks tensors {lacking}; refit "
+                                  "it: model.fit_style_posterior(loader), then save_clue(model, path)")
         model.style_posterior[name] = {"prompt": prompts[i],
                                        **{k: tensors[key].float() for k, key in zip(POSTERIOR_TENSORS, keys)}}
     model.last_diagnostics, model.train_config = extra.get("diagnostics"), extra.get("train")

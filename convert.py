@@ -4,7 +4,8 @@ A diffusers folder (our U-Net and VAE use diffusers' names, its configs are tran
 CompVis / Stability "ldm" layout: sizes from shapes, the rest from arguments with SD's defaults) or our own folder
 (checkpoint.py): each is renamed by a few regex rules, the tensor transforms named (CLIP's q/k/v -> in_proj, the ldm
 VAE's 1x1 convs -> Linear), and ends in checkpoint.py's audit. SDXL, SD3, Flux, inpainting, instruct-pix2pix,
-class-conditioned U-Nets, LoRA and ControlNet files are refused, saying so."""
+class-conditioned U-Nets, LoRA and ControlNet files are refused, saying so (our LoRA folders load on their base, any
+source). A Hugging Face repo id is fetched first (huggingface_hub)."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 
 import cli
 from checkpoint import (FORMAT, IDENTITY, CheckpointError, apply_rules, as_clue, build_stable_diffusion, check_fixed,
                         key_listing, load_sd_folder, naming_errors, read_config, read_json, read_state_dict,
-                        read_weights_folder, save_clue, save_stable_diffusion,
-                        schedule_from_betas)
+                        read_weights_folder, save_clue, save_stable_diffusion, schedule_from_betas)
 from clue import StableDiffusion
 from schedulers import PREDICTION_TYPES, SD_SAMPLER, SD_SCHEDULE, NoiseSchedule
 from text_encoder import TextConfig
@@ -384,16 +385,29 @@ def from_ldm_state_dict(sd: dict, path="state dict", prediction_type: str | None
 
 
 # ---- any source; the command line ------------------------------------------------------------------------------------
+HUB_FILES = ["*/config.json", "scheduler/scheduler_config.json", "tokenizer/*.json", "text_encoder/model.safetensors",
+             "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]  # what SD needs
+
+
 def load_stable_diffusion(path, prediction_type: str | None = None, use_ema: bool = True,
-                          dtype: torch.dtype = torch.float32, style: bool | None = None,
+                          dtype: torch.dtype = torch.float32, style: bool | None = None, merge_lora: bool = True,
                           unet_heads: int | tuple | None = None, text_heads: int | None = None) -> StableDiffusion:
-    """SD 1.x / 2.x from any source above, on the CPU in eval mode. prediction_type overrides the source's (single
-    files cannot store it: SD 1.x epsilon, SD 2.x v_prediction); use_ema: a single file's EMA U-Net or its raw one;
-    style: the U-Net with the CLUE style branch (the source's, else zero-initialised), None = as stored (ours) or
-    without (public weights); unet_heads, text_heads: single files (default SD 1.x 8 per level, else 64-dim heads)."""
+    """SD 1.x / 2.x from any source above (`owner/name`, no local path: a Hugging Face repo, its HUB_FILES fetched), on
+    the CPU in eval mode. prediction_type overrides the source's (single files cannot store it: SD 1.x epsilon, SD 2.x
+    v_prediction); use_ema: a single file's EMA U-Net or its raw one; style: the U-Net with the CLUE style branch (the
+    source's, else zero-initialised), None = as stored (ours) or without (public weights); merge_lora: a LoRA folder's
+    adapters merged (False: kept, to train on); unet_heads, text_heads: single files (default SD 1.x 8 per level, else
+    64-dim heads)."""
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} or None, got {prediction_type!r}")
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path.as_posix()):  # a Hugging Face repo id
+        try:
+            path = Path(snapshot_download(path.as_posix(), allow_patterns=HUB_FILES))
+        except (OSError, ValueError) as e:  # offline (HF_HUB_OFFLINE=1), no network, no such repo, a malformed id
+            raise FileNotFoundError(f"{path}: not a local path, and the Hugging Face repo could not be fetched ("
+                                    f"{type(e).__name__}); on a machine online: hf download {path.as_posix()} "
+                                    "--local-dir DIR, then pass that folder") from None
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (expected a diffusers folder, a .safetensors / "
                                 f".ckpt file or a folder written by convert.py)")
@@ -403,7 +417,8 @@ def load_stable_diffusion(path, prediction_type: str | None = None, use_ema: boo
         model = from_ldm_state_dict(read_state_dict(path), path, prediction_type, use_ema, bool(style), unet_heads,
                                     text_heads)
     elif (path / "config.json").is_file() and read_json(path / "config.json").get("format") == FORMAT:
-        model = load_sd_folder(path, prediction_type, style)
+        model = load_sd_folder(path, prediction_type, style, lambda base, kind, with_style: load_stable_diffusion(
+            base, kind, style=with_style), merge_lora)  # a LoRA folder: its base from any source
     elif (path / "config.json").is_file() and not (path / "unet").is_dir():
         raise CheckpointError(f"{path}: config.json is neither ours ({FORMAT!r}) nor a diffusers pipeline's; for a "
                               "diffusers model pass the pipeline folder that holds unet/, vae/, text_encoder/")

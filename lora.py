@@ -2,22 +2,38 @@
 
 A frozen projection W (out, in) learns a low-rank change instead of a new matrix (LoRA, Eq. 3):
     y = W x + b + (alpha / r) * B A x          A: (r, in), B: (out, r), r << min(in, out)
-A starts random and B at zero, so an adapted model starts bit-identical to its base. Only A and B train: at
-rank r an SD 2.1 U-Net trains about r * 0.4 M numbers per rank unit instead of 866 M. Adapters go on to_q, to_k,
-to_v and to_out.0 of the self- and text-attention of every transformer block (`attn1`, `attn2`), the modules
-diffusers/peft adapt; CLUE's own style attention (`attn_style`) is new and trains fully, so it gets none.
-`merge_lora` folds B A into W and gives back plain nn.Linear layers: the merged U-Net is an ordinary one.
-Names match peft's (`lora_A.weight`, `lora_B.weight` under the adapted projection) minus its `.default`.
+A starts random and B at zero, so an adapted model starts bit-identical to its base. Only A and B train: at rank
+r the 128 adapted layers of an SD 2.1 U-Net hold r * 0.21 M numbers instead of 866 M (bench/lora_memory.py).
+Adapters go on to_q, to_k, to_v and to_out.0 of the self- and text-attention of every transformer block (`attn1`,
+`attn2`), the modules diffusers/peft adapt; CLUE's own style attention (`attn_style`) is new and trains fully, so
+it gets none. `merge_lora` folds B A into W (LoRA Sec. 4.1: W = W0 + B A, no inference latency) and gives back
+plain nn.Linear layers: the merged U-Net is an ordinary one. Names match peft's (`lora_A.weight`, `lora_B.weight`
+under the adapted projection) minus its `.default`. train.py --lora-rank uses them; checkpoint.py saves and loads
+them (a LoRA folder: the trained tensors and the name of the base weights).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unet import is_style_param
+
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # in attn1 (self) and attn2 (text); attn_style trains fully
+
+
+@dataclass
+class LoRAConfig:
+    base: str     # the weights the adapters apply to: a path or a Hugging Face repo id (what a LoRA folder records)
+    rank: int     # r
+    alpha: float  # the update is scaled by alpha / r
+
+    def __post_init__(self):
+        if not isinstance(self.base, str) or self.rank < 1 or not self.alpha > 0:
+            raise ValueError(f"LoRA needs a base (the weights adapted), rank >= 1 and alpha > 0; got {self}")
 
 
 class LoRALinear(nn.Module):
@@ -29,7 +45,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.scaling = alpha / rank
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kw)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kw)
@@ -69,9 +85,27 @@ def add_lora(unet: nn.Module, rank: int, alpha: float) -> list[str]:
     return names
 
 
+def is_lora_param(name: str) -> bool:
+    """An adapter tensor: `<module>.lora_A.weight` or `<module>.lora_B.weight`."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def lora_trains(name: str) -> bool:
+    """What trains in a LoRA fine-tune's U-Net: the adapters, and CLUE's style layers (new: no base weights to keep)."""
+    return is_lora_param(name) or is_style_param(name)
+
+
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only: `<module>.lora_A.weight`, `<module>.lora_B.weight`."""
-    return {k: v for k, v in unet.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    """The adapter tensors only."""
+    return {k: v for k, v in unet.state_dict().items() if is_lora_param(k)}
+
+
+def lora_settings(unet: nn.Module) -> dict | None:
+    """{"rank", "alpha"} of the U-Net's adapters (add_lora gives them all the same), None without adapters."""
+    settings = {(m.rank, m.alpha) for m in unet.modules() if isinstance(m, LoRALinear)}
+    if len(settings) > 1:
+        raise ValueError(f"adapters of several ranks / alphas {sorted(settings)}: one add_lora call per U-Net")
+    return dict(zip(("rank", "alpha"), settings.pop())) if settings else None
 
 
 def merge_lora(unet: nn.Module) -> int:
