@@ -36,6 +36,7 @@ from cli import (UsageError, comma_list, finite_float, non_negative_float, non_n
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice
 from convert import load_stable_diffusion
 from data import ClassFolderDataset, DataError, default_prompt_template, make_grid, resolve_data
+from lora import add_lora, lora_settings, lora_trains
 from schedulers import PREDICTION_TYPES
 from style_encoder import StyleConfig
 from text_encoder import TextConfig
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val-data", help="held-out images for the diagnostics (default: digits:test, or --data)")
     g.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loader processes (0: exact resume)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="Stable Diffusion weights to fine-tune (any format convert.py reads)")
+    g.add_argument("--model", help="SD weights to fine-tune (any format convert.py reads, or a Hugging Face repo id)")
     g.add_argument("--preset", choices=("tiny",), help="train a tiny model from scratch instead")
     g.add_argument("--prediction-type", choices=PREDICTION_TYPES, help="single SD files, --preset tiny (v_prediction)")
     g.add_argument("--vae", help="tiny preset: reuse this trained VAE folder instead of phase 1")
@@ -84,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--style-layers", type=positive_int, help="style encoder layers (default: its preset)")
     g.add_argument("--unet-channels", type=unet_widths, help="tiny preset: U-Net widths, e.g. 64,128")
     g.add_argument("--freeze-unet", action="store_true", help="train only the style encoder + style attention")
+    g.add_argument("--lora-rank", type=positive_int, help="--model: LoRA adapters of rank R on the U-Net attention "
+                   "(to_q/k/v/out of attn1, attn2; the rest frozen), saved as a small lora.safetensors")
+    g.add_argument("--lora-alpha", type=positive_float, help="LoRA scale: the update is (alpha / R) B A (default: R)")
     g.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                    help="train the text encoder too (default: yes with --preset tiny, no with --model)")
     g = p.add_argument_group("objective (CLUEConfig)")
@@ -131,14 +135,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--diag-images", type=positive_int, default=400, help="held-out images for the diagnostics")
     g.add_argument("--dump-param-checksum", action="store_true", help="testing: every rank writes its weights' hash")
     a = p.parse_args(argv)
-    if (a.model is None) == (a.preset is None):
-        p.error("give exactly one of --model PATH (fine-tune SD) or --preset tiny (from scratch)")
-    if a.vae and not a.preset:
-        p.error("--vae is for --preset tiny (a fine-tune takes the VAE from --model)")
-    if a.prompt is not None and "{class}" not in a.prompt:
-        p.error(f"--prompt {a.prompt!r} needs a {{class}} placeholder")
-    if a.freeze_unet and a.style_tokens == 0:
-        p.error("--freeze-unet with --style-tokens 0 leaves nothing to train")
+    for wrong, message in (  # flags that contradict each other
+        ((a.model is None) == (a.preset is None), "give exactly one of --model PATH (fine-tune SD) or --preset tiny "
+                                                  "(from scratch)"),
+        (a.vae and not a.preset, "--vae is for --preset tiny (a fine-tune takes the VAE from --model)"),
+        (a.prompt is not None and "{class}" not in a.prompt, f"--prompt {a.prompt!r} needs a {{class}} placeholder"),
+        (a.freeze_unet and a.style_tokens == 0, "--freeze-unet with --style-tokens 0 leaves nothing to train"),
+        (a.lora_rank and a.preset, "--lora-rank adapts pretrained weights (--model); --preset tiny trains in full"),
+        (a.lora_alpha and not a.lora_rank, "--lora-alpha needs --lora-rank"),
+        (a.lora_rank and (a.freeze_unet or a.train_text_encoder), "--lora-rank trains the adapters, the style encoder "
+                                                                  "and the style layers: drop --freeze-unet and "
+                                                                  "--train-text-encoder")):
+        if wrong:
+            p.error(message)
+    a.lora_alpha = a.lora_alpha or (float(a.lora_rank) if a.lora_rank else None)
     for name, tiny, sd in (("resolution", 32, 512), ("steps", 2000, 10000), ("batch_size", 32, 4), ("lr", 1e-3, 1e-5),
                            ("train_text_encoder", True, False)):
         if getattr(a, name) is None:
@@ -168,7 +178,10 @@ def build_model(args, dataset, rank, world, device, output: Path) -> CLUE:
         sd = load_stable_diffusion(args.model, prediction_type=args.prediction_type)
         style = replace(StyleConfig.sd(sd.unet.cfg.context_dim), latent_channels=sd.unet.cfg.in_channels, **sizes)
         seed_everything(args.seed)
-        return CLUE.from_stable_diffusion(sd, style if args.style_tokens else None, CLUEConfig(**objective))
+        clue = CLUE.from_stable_diffusion(sd, style if args.style_tokens else None, CLUEConfig(**objective))
+        if args.lora_rank:  # drawn after the style encoder: its initialisation is that of a run without LoRA
+            add_lora(clue.unet, args.lora_rank, args.lora_alpha)
+        return clue
     vae = load_vae(args.vae) if args.vae else train_vae(args, dataset, rank, world, device, output)
     widths = tuple(int(c) for c in args.unet_channels.split(",")) if args.unet_channels else None
     unet = UNetConfig.tiny(block_channels=widths, attention_levels=(True,) * len(widths),
@@ -185,12 +198,15 @@ def build_model(args, dataset, rank, world, device, output: Path) -> CLUE:
 
 def select_trainable(clue, args) -> dict[str, nn.Parameter]:
     """VAE frozen; text encoder trained with --train-text-encoder (default for --preset tiny); U-Net trained unless
-    --freeze-unet (then only its style layers); the style encoder always."""
+    --freeze-unet (then only its style layers) or --lora-rank (its adapters and style layers); the style encoder
+    always. The optimizer, the EMA and the checkpoints' training state hold what this returns, nothing else."""
+    if args.lora_rank and lora_settings(clue.unet) != {"rank": args.lora_rank, "alpha": args.lora_alpha}:
+        raise UsageError(f"--lora-rank {args.lora_rank} --lora-alpha {args.lora_alpha:g}, but the model's adapters are "
+                         f"{lora_settings(clue.unet)} (a checkpoint resumes with the flags it was trained with)")
     for name, p in clue.named_parameters():
         part = name.split(".")[0]
-        train = {"vae": False, "text_encoder": args.train_text_encoder,
-                 "unet": not args.freeze_unet or is_style_param(name)}.get(part, True)
-        p.requires_grad_(train)
+        unet = lora_trains(name) if args.lora_rank else not args.freeze_unet or is_style_param(name)
+        p.requires_grad_({"vae": False, "text_encoder": args.train_text_encoder, "unet": unet}.get(part, True))
     return {n: p for n, p in clue.named_parameters() if p.requires_grad}
 
 
@@ -338,7 +354,8 @@ class SideWork:
         self(step, True, output / "samples.png", final=True)
         if s.rank == 0:
             with s.ema_applied():
-                write_folder_atomically(output / "final", lambda tmp: save_clue(s.clue, tmp, extra=self.info))
+                write_folder_atomically(output / "final",  # a LoRA run: a small folder, adapters on --model
+                                        lambda tmp: save_clue(s.clue, tmp, extra=self.info, base=self.args.model))
         if self.args.dump_param_checksum:  # every rank: replicas must hold the same weights
             sums = {"params": param_checksum(s.trainable), "ema": param_checksum(s.ema.shadow) if s.ema else None}
             (output / f"param_checksum.rank{s.rank}.json").write_text(json.dumps(sums))

@@ -29,10 +29,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from checkpoint import (CheckpointError, config_from_dict, load_clue, load_mapped, read_checkpoint, save_clue,
+from checkpoint import (CheckpointError, as_clue, config_from_dict, load_mapped, read_checkpoint, save_clue,
                         write_checkpoint)
 from cli import UsageError
 from clue import CLUE
+from convert import load_stable_diffusion
 from data import make_grid
 from vae import VAE, VAEConfig
 
@@ -256,7 +257,7 @@ def save_checkpoint(path: Path, state: TrainingState, step: int, args, info: dic
 
     def fill(tmp: Path):
         with state.ema_applied():
-            save_clue(state.clue, tmp, extra=info)  # config.json + model.safetensors: what sample.py loads
+            save_clue(state.clue, tmp, extra=info, base=args.model)  # what sample.py loads (LoRA: lora.safetensors)
         tensors = {f"param.{n}": p for n, p in state.trainable.items()}
         opt_tensors, opt_meta = flatten_optimizer(state.opt, list(state.trainable))
         tensors.update(opt_tensors)
@@ -282,7 +283,7 @@ def find_checkpoint(resume: str, output: Path, rank: int) -> tuple[Path, CLUE, d
     for folder in reversed(candidates):
         try:
             config, tensors = read_checkpoint(folder, "training_state", **STATE_FILES)
-            return folder, load_clue(folder), config, tensors
+            return folder, as_clue(load_stable_diffusion(folder, merge_lora=False), folder), config, tensors
         except (CheckpointError, FileNotFoundError) as e:
             problems.append(f"{folder}: {e}")
             if rank == 0 and folder != candidates[0]:
@@ -295,7 +296,7 @@ def find_checkpoint(resume: str, output: Path, rank: int) -> tuple[Path, CLUE, d
 
 
 def restore(state: TrainingState, ckpt: Path, meta: dict, tensors: dict, args) -> int:
-    """Put back what save_checkpoint wrote (the model itself came from load_clue); returns the step."""
+    """Put back what save_checkpoint wrote (the model itself came from find_checkpoint); returns the step."""
     missing = [n for n in state.trainable if f"param.{n}" not in tensors]
     if missing:
         raise UsageError(f"--resume: {ckpt} holds no training state for {len(missing)} trained parameters "
