@@ -331,8 +331,8 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
                    merge: bool = True) -> StableDiffusion:
     """Our folder -> StableDiffusion, what is beyond SD in extra_config / extra_tensors. `style`: None = the U-Net as
     stored; True adds the zero-initialised style branch where it has none; False leaves it out. A LoRA folder is its
-    base, load_base(lora.base, prediction type, style) (convert.load_stable_diffusion: any source), with the trained
-    tensors put in through the audit (every adapter and style layer) and, with `merge`, the adapters merged."""
+    base, load_base(lora.base, prediction_type, style=...) (convert.load_stable_diffusion: any source), with the
+    trained tensors put in through the audit (every adapter and style layer) and, with `merge`, the adapters merged."""
     folder = Path(folder)
     lora_folder = (where := folder / "config.json").is_file() and "lora" in read_json(where)  # (JSON written last)
     weights = folder / (LORA_FILE if lora_folder else "model.safetensors")
@@ -367,7 +367,7 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
         if load_base is None:
             raise CheckpointError(f"{folder}: a LoRA folder: load it with convert.load_stable_diffusion (its base too)")
         lora = config_from_dict(LoRAConfig, config.get("lora"), f"{where} [lora]")
-        sd = load_base(lora.base, prediction_type, unet_cfg.style)
+        sd = load_base(lora.base, prediction_type, style=unet_cfg.style)
         add_lora(sd.unet, lora.rank, lora.alpha)
         load_mapped(sd.unet, *apply_rules(unet_sd, IDENTITY), "LoRA (unet.*)", weights,
                     lambda name: not lora_trains(name) or keep(name))  # the base's weights, a style branch added here

@@ -417,8 +417,7 @@ def load_stable_diffusion(path, prediction_type: str | None = None, use_ema: boo
         model = from_ldm_state_dict(read_state_dict(path), path, prediction_type, use_ema, bool(style), unet_heads,
                                     text_heads)
     elif (path / "config.json").is_file() and read_json(path / "config.json").get("format") == FORMAT:
-        model = load_sd_folder(path, prediction_type, style, lambda base, kind, with_style: load_stable_diffusion(
-            base, kind, style=with_style), merge_lora)  # a LoRA folder: its base from any source
+        model = load_sd_folder(path, prediction_type, style, load_stable_diffusion, merge_lora)  # LoRA: any base
     elif (path / "config.json").is_file() and not (path / "unet").is_dir():
         raise CheckpointError(f"{path}: config.json is neither ours ({FORMAT!r}) nor a diffusers pipeline's; for a "
                               "diffusers model pass the pipeline folder that holds unet/, vae/, text_encoder/")
