@@ -81,3 +81,34 @@ def test_adapter_size(rank):
     expected = sum(rank * (lin.weight.shape[0] + lin.weight.shape[1])
                    for lin in model.modules() if isinstance(lin, LoRALinear))
     assert n == expected
+
+
+def test_our_adapters_load_into_peft():
+    """The other way: adapters trained with ours (B random here) carry peft's names minus `.default`, so diffusers'
+    U-Net with peft's adapter loads them (and our base weights under `base_layer`) and computes the same."""
+    torch.manual_seed(0)
+    ours = UNet(CFG).eval()
+    add_lora(ours, rank=4, alpha=2.0)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+    ref = UNet2DConditionModel(**unet_to_diffusers(CFG)).eval()
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=2.0, target_modules=list(TARGETS)))
+    adapted = {n.rsplit(".", 1)[0] for n in lora_state_dict(ours) if ".lora_A." in n}  # "<module>.lora_A"
+    peft_names = {}
+    for k, v in ours.state_dict().items():
+        module = k.rsplit(".", 1)[0]
+        if ".lora_" in k:
+            peft_names[k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")] = v
+        elif f"{module}.lora_A" in adapted:
+            peft_names[f"{module}.base_layer.{k.rsplit('.', 1)[1]}"] = v
+        elif ".attn_style." not in k and ".norm_style." not in k:
+            peft_names[k] = v
+    missing, unexpected = ref.load_state_dict(peft_names, strict=False)
+    assert missing == [] and unexpected == []
+    x, t, c = inputs()
+    with torch.no_grad():
+        err = (ours(x, t, c) - ref(x, t, encoder_hidden_states=c).sample).abs().max().item()
+    print(f"ours -> peft: max abs error {err:.2e}")
+    assert err < 1e-5
