@@ -202,7 +202,7 @@ def select_trainable(clue, args) -> dict[str, nn.Parameter]:
     always. The optimizer, the EMA and the checkpoints' training state hold what this returns, nothing else."""
     if args.lora_rank and lora_settings(clue.unet) != {"rank": args.lora_rank, "alpha": args.lora_alpha}:
         raise UsageError(f"--lora-rank {args.lora_rank} --lora-alpha {args.lora_alpha:g}, but the model's adapters are "
-                         f"{lora_settings(clue.unet)} (a checkpoint resumes with the flags it was trained with)")
+                         f"{lora_settings(clue.unet) or 'none'} (resume with the flags a checkpoint was trained with)")
     for name, p in clue.named_parameters():
         part = name.split(".")[0]
         unet = lora_trains(name) if args.lora_rank else not args.freeze_unet or is_style_param(name)

@@ -119,6 +119,15 @@ def test_the_reloaded_model_generates_what_the_trained_one_merged_does(sd_folder
         save_clue(model, tmp_path / "nobase")  # adapters without the weights they adapt cannot be saved small
 
 
+def test_vanilla_lora_saves_the_adapters_only(data_dir, sd_folder, tmp_path):  # noqa: F811
+    """--style-tokens 0 (the plain fine-tuning baseline) with LoRA: no style branch, the folder holds the adapters."""
+    train.main(lora_args(data_dir, sd_folder, tmp_path / "run", "--steps", 1, "--style-tokens", 0, "--lora-rank", 2))
+    tensors = load_file(str(tmp_path / "run" / "final" / "lora.safetensors"))
+    assert tensors and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in tensors)
+    model = as_clue(load_stable_diffusion(tmp_path / "run" / "final"), tmp_path / "run" / "final")
+    assert model.style_encoder is None and not model.unet.cfg.style
+
+
 def test_resume_from_a_lora_checkpoint_is_bit_exact(lora_run, data_dir, sd_folder, tmp_path):  # noqa: F811
     out = tmp_path / "resumed"
     train.main(lora_args(data_dir, sd_folder, out, "--steps", 4, "--checkpoint-every", 2, "--ema-decay", 0.9,
