@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 import style_stats
 from schedulers import SD_SAMPLER, DDIMSampler, NoiseSchedule, randn_cpu, sd_image_size
 from style_encoder import StyleConfig, StyleEncoder
-from text_encoder import TextConfig, TextEncoder
+from text_encoder import TextConfig, TextEncoder, tokenize
 from unet import UNet, UNetConfig, is_style_param
-from vae import VAE, VAEConfig
+from vae import VAE, DiagonalGaussian, VAEConfig
 
 STYLE_SOURCES = ("prior", "posterior", "posterior_sample", "reference")  # StyleChoice.source, or a tensor
 POSTERIOR_TENSORS = ("mean", "var", "factors", "psi", "mus")  # per class, see CLUE.fit_style_posterior
@@ -212,16 +212,25 @@ class CLUE(nn.Module):
                    StyleEncoder(style) if use_style else None, sched, clue)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, sample: bool | None = None, generator=None) -> torch.Tensor:
-        """Images in [-1, 1] (B,3,H,W) -> z0 = scale_factor * (posterior sample or mean), (B,4,H/f,W/f)."""
-        posterior = self.vae.encode(images.to(self.device))
+    def encode_images(self, images: torch.Tensor | None, sample: bool | None = None, generator=None,
+                      moments: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (B,3,H,W) -> z0 = scale_factor * (posterior sample or mean), (B,4,H/f,W/f). `moments`, in
+        place of the images: the VAE posterior's mean and logvar stacked on channels (B,8,h,w), computed once per image
+        (train.py's latent cache): the encoder is skipped, the sample drawn from them as from its output."""
+        posterior = self.vae.encode(images.to(self.device)) if moments is None else \
+            DiagonalGaussian(*moments.to(self.device, non_blocking=True).chunk(2, dim=1))
         sample = self.cfg.sample_latents if sample is None else sample
         z = posterior.sample(generator=generator) if sample else posterior.mean
         return z * self.cfg.scale_factor
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> text context c (B,77,D), the SD pipeline's prompt embeddings."""
-        return self.text_encoder(self.text_encoder.tokenize(list(prompts)).to(self.device))
+        """Prompts -> text context c (B,77,D), the SD pipeline's prompt embeddings. Each distinct prompt is encoded once
+        and its row repeated (a batch of fixed-format prompts holds a few); the repeats' gradients add up in it."""
+        prompts, cfg, dev = list(prompts), self.text_encoder.cfg, self.device
+        rows = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # distinct prompts, first-seen order
+        context = self.text_encoder(tokenize(list(rows), cfg.context_length, cfg.pad).to(dev, non_blocking=True))
+        return context if len(rows) == len(prompts) else \
+            context[torch.tensor([rows[p] for p in prompts]).to(dev, non_blocking=True)]
 
     def encode_style(self, z0: torch.Tensor, context: torch.Tensor):
         """(mu, logvar) of the style posterior q(s | z0, c), each (B,K,D)."""
@@ -248,21 +257,27 @@ class CLUE(nn.Module):
 
     def loss(self, batch, step: int = 0, generator: torch.Generator | None = None):
         """The training objective L of the module docstring on one batch -> (loss, logs), logs = {loss, mse, kl (nats
-        per style dimension), ...}. The prompt is "" with p=text_dropout, the style branch skipped (style_scale 0 for
-        that sample, exactly as style=None) with p=style_dropout; the style encoder always sees the real prompt. A dict
-        batch may carry precomputed scaled latents under "latents" (the VAE is then skipped). All random draws come
-        from `generator` (a CPU generator; None: the global RNG)."""
-        images, prompts, _ = self.unpack(batch)
-        B, dev = len(prompts), self.device
-        z0 = batch["latents"].to(dev) if isinstance(batch, dict) and "latents" in batch else \
-            self.encode_images(images, generator=generator)
-        context = self.encode_prompts(prompts)
+        per style dimension), ...} as detached tensors (float() them to print: nothing here waits for the device). The
+        prompt is "" with p=text_dropout, the style branch skipped (style_scale 0 for that sample, exactly as
+        style=None) with p=style_dropout; the style encoder always sees the real prompt. A dict batch may carry its z0
+        instead of images: scaled latents under "latents", or the VAE posterior's moments under "posterior"
+        (encode_images; train.py's latent cache). All random draws come from `generator` (a CPU generator; None: the
+        global RNG); those made on the CPU reach the device without a sync."""
+        dev = self.device
+        if isinstance(batch, dict) and ("latents" in batch or "posterior" in batch):  # z0 computed once per image
+            prompts = list(batch["prompt"])
+            z0 = batch["latents"].to(dev, non_blocking=True) if "latents" in batch else \
+                self.encode_images(None, generator=generator, moments=batch["posterior"])
+        else:
+            images, prompts, _ = self.unpack(batch)
+            z0 = self.encode_images(images, generator=generator)
+        B, context = len(prompts), self.encode_prompts(prompts)
         drop_text = torch.rand(B, generator=generator) < self.cfg.text_dropout
         unet_context = context
         if drop_text.any():  # classifier-free guidance: the empty prompt's embedding for those samples
             empty = self.encode_prompts([""]).expand_as(context)
-            unet_context = torch.where(drop_text.to(dev)[:, None, None], empty, context)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator).to(dev)
+            unet_context = torch.where(drop_text.to(dev, non_blocking=True)[:, None, None], empty, context)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator)  # CPU: for the schedule
         eps = randn_cpu(z0.shape, generator, dev, z0.dtype)
         z_t = self.schedule.q_sample(z0, t, eps)  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps (DDPM eq. 4)
         logs = {}
@@ -270,18 +285,18 @@ class CLUE(nn.Module):
         if self.style_encoder is not None:
             mu, logvar = self.encode_style(z0, context)
             style = self.style_encoder.sample(mu, logvar, eps=randn_cpu(mu.shape, generator, dev, mu.dtype))
-            keep = (torch.rand(B, generator=generator) >= self.cfg.style_dropout).to(dev, z0.dtype)
-            style_scale = keep[:, None, None]  # (B,) -> (B,1,1): 0 skips the style branch for that sample
+            keep = (torch.rand(B, generator=generator) >= self.cfg.style_dropout).to(z0.dtype)
+            style_scale = keep.to(dev, non_blocking=True)[:, None, None]  # (B,1,1): 0 skips the style branch there
             kl = self.style_encoder.kl(mu, logvar).mean()  # mean over B,K,D: nats per style dimension
             if self.cfg.mmd_weight > 0:  # MMD^2 of the batch's sampled styles (the aggregated posterior) to N(0, I)
                 mmd = self.style_encoder.prior_mmd(style)
-                logs["mmd"] = mmd.item()
-            logs["style_kept"] = keep.mean().item()
-        pred = self.unet(z_t, t, unet_context, style=style, style_scale=style_scale)
+                logs["mmd"] = mmd.detach()
+            logs["style_kept"] = keep.mean()
+        pred = self.unet(z_t, t.to(dev, non_blocking=True), unet_context, style=style, style_scale=style_scale)
         target = self.schedule.target(z0, eps, t)
         mse_b = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,): mean over elements (DDPM simple)
         if self.cfg.min_snr_gamma is not None:  # w_b = min(SNR_t, gamma) / SNR_t (eps), / (SNR_t + 1) (v)
-            snr = self.schedule.snr(t)  # alpha_bar / (1 - alpha_bar)
+            snr = self.schedule.snr(t).to(dev, non_blocking=True)  # alpha_bar / (1 - alpha_bar)
             w = snr.clamp(max=self.cfg.min_snr_gamma)
             w = w / (snr + 1) if self.cfg.prediction_type == "v_prediction" else w / snr
             mse_b = w * mse_b
@@ -292,8 +307,8 @@ class CLUE(nn.Module):
         else:
             kl_term = weight * kl if self.cfg.kl_mode == "beta" else weight * (kl - capacity).abs()  # gamma |KL - C|
             loss = mse + kl_term + self.cfg.mmd_weight * mmd
-        logs.update(loss=loss.item(), mse=mse.item(), kl=kl.item(), kl_weight=weight, capacity=capacity,
-                    text_dropped=drop_text.float().mean().item())
+        logs.update(loss=loss.detach(), mse=mse.detach(), kl=kl.detach(), kl_weight=weight, capacity=capacity,
+                    text_dropped=drop_text.float().mean())
         return loss, logs
 
     @property

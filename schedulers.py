@@ -70,15 +70,16 @@ class NoiseSchedule:
                     beta_schedule=self.beta_schedule, prediction_type=self.prediction_type)
 
     def _at(self, table: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
-        """table[t], shaped to broadcast against x: (B,) -> (B,1,...,1); an int t gives a scalar."""
-        t = torch.as_tensor(t, device=x.device)
+        """table[t], shaped to broadcast against x: (B,) -> (B,1,...,1); an int t gives a scalar. A CPU t (CLUE.loss
+        draws it there) is checked and looked up on the CPU: no device sync."""
+        t = torch.as_tensor(t)
         if t.dtype.is_floating_point:
             raise TypeError(f"NoiseSchedule: timesteps must be integers, got dtype {t.dtype}")
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
             raise ValueError(f"NoiseSchedule: t must be a scalar or of shape (B,)=({x.shape[0]},): {tuple(t.shape)}")
-        if int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps:
+        if t.device.type == "cpu" and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
             raise ValueError(f"NoiseSchedule: timesteps must lie in [0, {self.num_train_timesteps - 1}]")
-        values = table.to(x.device)[t].to(x.dtype)
+        values = table.to(t.device)[t].to(x.device, x.dtype, non_blocking=t.device.type == "cpu")
         return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
     def q_sample(self, x0: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def _leading_timesteps(num_train_timesteps: int, n: int, steps_offset: int) -> t
 def randn_cpu(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
     """N(0, I) drawn in float32 on the CPU (from an optional CPU generator), then moved to `device`: the same seed
     gives the same numbers on every device, as diffusers' randn_tensor does for a CPU generator (clue.py's draws)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype, non_blocking=True)
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -4,7 +4,8 @@ A checkpoint `checkpoints/step_NNNNNN/` is filled under a temporary name, then r
 ones intact). It holds the EMA model (save_clue: what sample.py loads) and, in checkpoint.py's one format (kind
 "training_state"), raw weights, AdamW moments, EMA, LR schedule, GradScaler, every rank's torch / numpy / python
 RNG states and the data position: N + N steps on CPU are bit-identical to 2N steps. Also here: torchrun processes,
-the LR schedule (warm-up, then cosine, Loshchilov & Hutter 2017, or constant), divergence checks, the log files.
+the LR schedule (warm-up, then cosine, Loshchilov & Hutter 2017, or constant), the EMA, the data stream and its VAE
+latent cache, divergence checks, the log files.
 Left out: data-loader worker RNG (with --num-workers > 0 the image order resumes exactly, crops/flips do not).
 """
 from __future__ import annotations
@@ -40,7 +41,6 @@ from vae import VAE, VAEConfig
 STATE_FILES = {"json_name": "training_state.json", "tensors_name": "training_state.safetensors"}
 
 
-# ------------------------------------------------------------------------------------ processes (torchrun)
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment variables; one process without them."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -58,13 +58,6 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 class Objective(nn.Module):
     """DDP synchronises the gradients of what runs through forward(): a model's loss function, as a module."""
 
@@ -76,7 +69,6 @@ class Objective(nn.Module):
         return self.loss(self.model, *inputs)
 
 
-# ------------------------------------------------------------------------------------ schedules, EMA
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak LR at a step: linear warm-up, then constant or half a cosine from 1 to min_ratio."""
     if step < warmup:
@@ -99,8 +91,7 @@ class EMA:
     def update(self, named_params: dict[str, torch.Tensor]):
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for n, p in named_params.items():
-            self.shadow[n].lerp_(p.detach(), 1 - d)
+        torch._foreach_lerp_([self.shadow[n] for n in named_params], [p.detach() for p in named_params.values()], 1 - d)
 
     @contextmanager
     def applied(self, named_params: dict[str, torch.Tensor]):
@@ -119,15 +110,13 @@ def copy_into(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
         p.copy_(values[n])
 
 
-# ------------------------------------------------------------------------------------ RNG state, data position
 def get_rng_state(device) -> tuple[dict, dict]:
     """(tensors, json) of the torch (+CUDA), numpy and python generators of this process."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-               "python": torch.tensor(py_internal, dtype=torch.int64)}
-    if device.type == "cuda":
-        tensors["cuda"] = torch.cuda.get_rng_state(device)
+               "python": torch.tensor(py_internal, dtype=torch.int64),
+               **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
     return tensors, {"numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)],
                      "python": [py_version, py_gauss]}
 
@@ -160,15 +149,15 @@ def seed_everything(seed: int):
 class BatchStream:
     """Endless batches, epoch after epoch of torch's DistributedSampler (a permutation seeded by seed + epoch, every
     rank its own shard). (epoch, batches taken in it) is the position a checkpoint stores: a resumed run starts
-    there and sees exactly the images the interrupted one would have."""
+    there and sees exactly the images the interrupted one would have. pin_memory (CUDA): copies to the GPU overlap."""
 
-    def __init__(self, dataset, batch_size, rank, world, seed, num_workers):
+    def __init__(self, dataset, batch_size, rank, world, seed, num_workers, pin_memory=False):
         self.sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
         if self.sampler.num_samples < batch_size:
             raise UsageError(f"{len(dataset)} images give no full batch of {batch_size} per process ({world} "
                              "process(es)); lower --batch-size (or --vae-batch-size)")
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.generator = torch.Generator().manual_seed(seed)  # the data-loader workers' seeds
+        self.dataset, self.batch_size, self.loader_kw = dataset, batch_size, dict(  # generator: the workers' seeds
+            num_workers=num_workers, generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory)
         self.epoch, self.taken, self.it = 0, 0, None
 
     def __next__(self):
@@ -177,16 +166,24 @@ class BatchStream:
                 self.sampler.set_epoch(self.epoch)
                 order = list(self.sampler)[self.taken * self.batch_size:]
                 self.it = iter(DataLoader(self.dataset, self.batch_size, sampler=order, drop_last=True,
-                                          num_workers=self.num_workers, generator=self.generator))
-            try:
-                batch = next(self.it)
+                                          **self.loader_kw))
+            batch = next(self.it, None)
+            if batch is not None:
                 self.taken += 1
                 return batch
-            except StopIteration:
-                self.epoch, self.taken, self.it = self.epoch + 1, 0, None
+            self.epoch, self.taken, self.it = self.epoch + 1, 0, None  # the epoch is over
 
 
-# ------------------------------------------------------------------------------------ the training state
+def cache_latents(dataset, vae: VAE, device, batch_size: int) -> list[dict]:
+    """The dataset's items with the image replaced by its VAE posterior q(z|x) (mean and logvar stacked on channels:
+    "posterior", CLUE.encode_images' `moments`), computed once, batched: exact while nothing random changes an image
+    (no crop or flip); a sampled z0 (CLUEConfig.sample_latents) is still drawn every step."""
+    with torch.no_grad():  # every image once, in order
+        qs = [vae.encode(batch["image"].to(device)) for batch in DataLoader(dataset, batch_size)]
+    return [{"posterior": m, "prompt": dataset.prompts[label], "label": label, "path": path} for m, (path, label) in
+            zip(torch.cat([torch.cat([q.mean, q.logvar], 1).float().cpu() for q in qs]), dataset.samples)]
+
+
 @dataclass
 class TrainingState:
     """What a checkpoint saves and restores besides the model's config, and the process that holds it."""
@@ -207,6 +204,36 @@ class TrainingState:
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradients or the weights became NaN or inf: training stops, nothing of that state is written."""
+
+
+def mean_logs(logs: list[dict]) -> dict:
+    """The mean of every number (float or tensor: kept a tensor, no device sync) over steps or micro-batches."""
+    numbers = [k for k, v in logs[0].items() if isinstance(v, (int, float, torch.Tensor))]
+    return {k: sum(d[k] for d in logs) / len(logs) for k in numbers}
+
+
+@torch.no_grad()
+def check_health(state: TrainingState, window: list[dict], step: int, output: Path):
+    """Before a log, grid or checkpoint (one device sync): the losses (of every process) and gradient norms (not fp16's:
+    GradScaler skips those steps) of the steps since the last log, the last one `step`, and the trained weights (a
+    NaN / inf makes the sum one) finite; else TrainingDiverged at the first bad step."""
+    bad = torch.stack([torch.stack([~w["loss"].isfinite(), ~w["grad_norm"].isfinite()]) for w in window]).double()
+    if dist.is_initialized():
+        dist.all_reduce(bad)  # processes with a non-finite loss (the gradient norms agree: DDP)
+    for i, (bad_loss, bad_norm) in enumerate(bad.tolist()):
+        at, logs = step - len(window) + i, {k: round(float(v), 6) for k, v in window[i].items()}
+        if bad_loss or (bad_norm and not state.scaler.is_enabled()):
+            raise diverged(at, f"the loss is {logs['loss']} on {int(bad_loss)} process(es) (logs {logs})" if bad_loss
+                           else f"the gradient norm is {logs['grad_norm']} while the loss is finite", output)
+    if not torch.stack([p.sum() for p in state.trainable.values()]).sum().isfinite():
+        bad = [n for n, p in state.trainable.items() if not p.isfinite().all()]
+        raise diverged(step, f"the update made weights NaN/inf or huge ({len(bad)} tensors NaN/inf: {bad[:2]})", output)
+
+
+def diverged(step: int, what: str, output: Path) -> TrainingDiverged:
+    return TrainingDiverged(f"step {step}: {what}. Training stopped; nothing was written for this state. Last good "
+                            f"checkpoint: {(list_checkpoints(output) or ['none'])[-1]}. Try a lower --lr, "
+                            "--max-grad-norm 1, fp32/bf16 instead of fp16, or check the data.")
 
 
 def write_folder_atomically(final: Path, fill) -> None:
@@ -236,34 +263,31 @@ def flatten_optimizer(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dic
 
 
 def unflatten_optimizer(opt, names: list[str], tensors: dict, meta: dict):
-    state = {}
-    for i, n in enumerate(names):
-        moments = {k[len(f"optim.{n}."):]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
-        if moments:
-            state[i] = moments
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    """The inverse of flatten_optimizer; the implementation (fused, foreach) stays this optimizer's own."""
+    state = {i: m for i, n in enumerate(names)
+             if (m := {k[len(f"optim.{n}."):]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")})}
+    groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items()},
+               **{k: live[k] for k in ("fused", "foreach") if k in live}}
+              for g, live in zip(meta["param_groups"], opt.param_groups)]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_checkpoint(path: Path, state: TrainingState, step: int, args, info: dict):
     """Collective (every rank hands over its RNG state); rank 0 writes the folder atomically, then deletes all but
     the newest --checkpoints-total-limit."""
-    rngs = [get_rng_state(state.device)]
+    rngs = [get_rng_state(state.device)] * state.world
     if state.world > 1:
-        rngs = [None] * state.world
-        dist.all_gather_object(rngs, get_rng_state(state.device))
+        dist.all_gather_object(rngs, rngs[0])  # every rank's
     if state.rank != 0:
         return
 
     def fill(tmp: Path):
         with state.ema_applied():
             save_clue(state.clue, tmp, extra=info, base=args.model)  # what sample.py loads (LoRA: lora.safetensors)
-        tensors = {f"param.{n}": p for n, p in state.trainable.items()}
         opt_tensors, opt_meta = flatten_optimizer(state.opt, list(state.trainable))
-        tensors.update(opt_tensors)
-        tensors.update({f"ema.{n}": t for n, t in state.ema.shadow.items()} if state.ema else {})
-        for r, (rng_tensors, _) in enumerate(rngs):
-            tensors.update({f"rng.{r}.{k}": v.cpu() for k, v in rng_tensors.items()})
+        tensors = {**{f"param.{n}": p for n, p in state.trainable.items()}, **opt_tensors,
+                   **({f"ema.{n}": t for n, t in state.ema.shadow.items()} if state.ema else {}),
+                   **{f"rng.{r}.{k}": v.cpu() for r, (rng, _) in enumerate(rngs) for k, v in rng.items()}}
         write_checkpoint(tmp, "training_state", {
             "step": step, "world_size": state.world, "optimizer": opt_meta, "lr_schedule": state.sched.state_dict(),
             "grad_scaler": state.scaler.state_dict() or None, "ema_updates": state.ema.updates if state.ema else None,
@@ -292,7 +316,6 @@ def find_checkpoint(resume: str, output: Path, rank: int) -> tuple[Path, CLUE, d
         raise UsageError(f"--resume {resume}: no intact checkpoint; " + "; ".join(problems))
     if rank == 0:
         print(f"--resume latest: no checkpoint in {output / 'checkpoints'}, starting a new run")
-    return None
 
 
 def restore(state: TrainingState, ckpt: Path, meta: dict, tensors: dict, args) -> int:
@@ -327,14 +350,10 @@ def restore(state: TrainingState, ckpt: Path, meta: dict, tensors: dict, args) -
 
 
 def param_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return hashlib.sha256(b"".join(n.encode() + tensors[n].detach().cpu().contiguous().numpy().tobytes()
+                                   for n in sorted(tensors))).hexdigest()
 
 
-# ------------------------------------------------------------------------------------ the run's log files
 def append_jsonl(path: Path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -370,8 +389,8 @@ def plot_curves(output: Path):
             if k == "mmd" and len(pts) > 10:  # the first steps (a random encoder, MMD ~ 20) would flatten the rest
                 later = [v for _, v in pts[len(pts) // 10:]]
                 ax.set_ylim(min(later) - 0.1 * abs(min(later)), 1.2 * max(later))
-        ax.set(title=title, xlabel="step", yscale="linear" if title.startswith("style") else "log")
-        ax.set_ylabel({"style KL": "nats / dimension", "style MMD to N(0, I)": "per dimension"}.get(title, "loss"))
+        ax.set(title=title, xlabel="step", yscale="linear" if title.startswith("style") else "log",
+               ylabel={"style KL": "nats / dimension", "style MMD to N(0, I)": "per dimension"}.get(title, "loss"))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -380,7 +399,6 @@ def plot_curves(output: Path):
     os.replace(output / ".loss_curve.tmp.png", output / "loss_curve.png")  # atomic: never half a PNG
 
 
-# ------------------------------------------------------------------------------------ phase 1: the tiny VAE
 def vae_loss(vae: VAE, x: torch.Tensor, kl_weight: float):
     """Phase 1 loss, means per element: |x - D(z)| + (x - D(z))^2 + kl_weight * KL(q(z|x) || N(0, I)),
     z ~ q(z|x): the LDM autoencoder objective (Rombach et al. 2022, Sec. 3.1) without LPIPS and GAN terms."""
@@ -398,7 +416,7 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
     seed_everything(args.seed + rank)
     net = Objective(vae, lambda vae, x: vae_loss(vae, x, args.vae_kl_weight))
     net = DDP(net) if world > 1 else net
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     warmup = max(1, min(50, args.vae_steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, args.vae_steps, "cosine", 0.05))
     stream = BatchStream(dataset, args.vae_batch_size, rank, world, args.seed, args.num_workers)
@@ -406,7 +424,10 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
     t0, bar = time.time(), tqdm(range(args.vae_steps), desc="phase 1: VAE", disable=rank != 0)
     for step in bar:
         loss, logs = net(next(stream)["image"].to(device))
-        if not math.isfinite(all_reduce_sum([loss.item()], device)[0]):
+        total = loss.detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(total)  # a non-finite loss on any process stops them all
+        if not math.isfinite(total.item()):
             raise TrainingDiverged(f"VAE step {step}: loss {loss.item()} ({logs}); lower --vae-lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
