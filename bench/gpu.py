@@ -42,7 +42,6 @@ measured for memory. Nothing reaches a model hub.
 """
 import argparse
 import gc
-import gzip
 import json
 import math
 import os
@@ -64,8 +63,10 @@ sys.path.insert(0, ROOT)
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
     os.environ.setdefault(_var, "1")  # the reference libraries must never try to reach a hub
 
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 from clue import CLUE, CLUEConfig, Sampling  # noqa: E402
 from convert import hf_clip_to_open_clip  # noqa: E402
+from reference import clip_tokenizer_offline, unet_to_diffusers, vae_to_diffusers  # noqa: E402 (tests/reference.py)
 from schedulers import NoiseSchedule  # noqa: E402
 from style_encoder import StyleConfig, StyleEncoder  # noqa: E402
 from text_encoder import TextConfig, TextEncoder  # noqa: E402
@@ -99,26 +100,6 @@ def sizes(smoke: bool) -> dict:
                 v_latent=16, matmul=256, warmup=1, repeats=2, sample_repeats=2)
 
 
-def unet_to_diffusers(cfg: UNetConfig) -> dict:
-    """diffusers UNet2DConditionModel kwargs for the same network (its attention_head_dim holds the head count)."""
-    return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)),
-        block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.context_dim,
-        transformer_layers_per_block=cfg.transformer_depth, use_linear_projection=cfg.linear_projection,
-        norm_num_groups=cfg.norm_groups, norm_eps=cfg.resnet_eps, upcast_attention=cfg.upcast_attention)
-
-
-def vae_to_diffusers(cfg: VAEConfig) -> dict:
-    n = len(cfg.block_channels)
-    return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
-                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_block,
-                norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scale_factor)
-
-
 def text_to_transformers(cfg: TextConfig):
     from transformers import CLIPTextConfig
     return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width,
@@ -126,24 +107,6 @@ def text_to_transformers(cfg: TextConfig):
                           num_hidden_layers=cfg.layers, max_position_embeddings=cfg.context_length,
                           hidden_act=cfg.act, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407,
                           pad_token_id=0 if cfg.pad == "zero" else 49407)
-
-
-def clip_tokenizer_offline(folder: str, pad: str):
-    """A transformers CLIPTokenizer from open_clip's bundled BPE file (no hub): 256 byte symbols, the same with
-    '</w>', the merges, start and end token, as CLIP's vocab.json (tests/test_clue.py builds the same). SD 2 pads
-    with '!' (id 0), SD 1 with the end token."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         pad_token="!" if pad == "zero" else "<|endoftext|>", model_max_length=77)
 
 
 # ------------------------------------------------------------------------------------ timing, memory, FLOPs

@@ -1,7 +1,6 @@
 """clue.py: zero-init parity with plain SD (weights written by diffusers), style controls, training loss,
 condition dropout, diagnostics, save/load. Tiny models on the CPU; the training-based tests share one model
 trained for a few dozen steps on a synthetic class folder (module fixture)."""
-import gzip
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from clue import CLUE, CLUEConfig, Sampling, StyleChoice, slerp
 from checkpoint import CheckpointError, load_clue, save_clue, save_stable_diffusion
 from convert import load_stable_diffusion
 from data import ClassFolderDataset
+from reference import clip_tokenizer_offline
 from style_encoder import StyleConfig
 from unet import UNetConfig
 
@@ -25,25 +25,6 @@ PROMPT = "a picture of {class}"
 
 # ------------------------------------------------------------------------------------------ helpers (also
 # imported by test_sample.py)
-def clip_tokenizer_offline(folder, pad="zero"):
-    """A transformers CLIPTokenizer built from open_clip's bundled BPE file (no hub access): the vocabulary is
-    open_clip's (256 byte symbols, the same with '</w>', the merges, start and end token), as CLIP's vocab.json."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    # SD 2's tokenizer pads with "!" (id 0), SD 1's with the end token
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         pad_token="!" if pad == "zero" else "<|endoftext|>", model_max_length=77)
-
-
 def build_tiny_sd_pipeline(folder, text_mode="sd2", prediction_type="epsilon", seed=0):
     """A tiny random diffusers StableDiffusionPipeline (DDIM scheduler as in SD), written with save_pretrained."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
