@@ -3,7 +3,7 @@ equals diffusers' StableDiffusionPipeline (DDIM, 10 steps, guidance 7.5, a negat
 latents), and the command line writes what it promises (PNGs, grid, run.json, class subfolders).
 
 The pipeline runs with a real transformers CLIPTokenizer: no tokenizer files can be downloaded here, so the
-test builds one from open_clip's bundled BPE vocabulary (test_clue.clip_tokenizer_offline); the prompts then
+test builds one from open_clip's bundled BPE vocabulary (reference.clip_tokenizer_offline); the prompts then
 go through the pipeline's own tokenizer and text encoder, not through embeddings we computed."""
 import json
 import os
