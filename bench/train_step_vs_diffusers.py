@@ -52,9 +52,8 @@ import train  # noqa: E402
 from clue import CLUE, CLUEConfig  # noqa: E402
 from convert import hf_clip_to_open_clip  # noqa: E402
 from data import ClassFolderDataset, resolve_data  # noqa: E402
-from reference import unet_to_diffusers, vae_to_diffusers  # noqa: E402 (tests/reference.py)
+from reference import clip_tokenizer_offline, unet_to_diffusers, vae_to_diffusers  # noqa: E402 (tests/reference.py)
 from style_encoder import StyleConfig  # noqa: E402
-from test_clue import clip_tokenizer_offline  # noqa: E402 (an offline CLIPTokenizer, nothing downloaded)
 from text_encoder import TextConfig  # noqa: E402
 from unet import UNetConfig, is_style_param  # noqa: E402
 from vae import VAEConfig  # noqa: E402
