@@ -149,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(a, k, v)
     a.taus, a.scale_list = a.tau, sorted(set(a.scales))
     a.frontier_seeds = min(a.frontier_seeds or a.seeds, a.seeds)
+    if a.external not in (None, "make") and not Path(a.external).is_dir():
+        p.error(f"--external {a.external}: not a folder (DIR/<class>/... images, or 'make')")
     if a.device == "auto":
         import torch  # lazy: only to see whether a GPU is there
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
