@@ -18,13 +18,16 @@ attention, capacity KL + MMD, style dropout) runs beside it: CLUE / vanilla is t
 
 Configs: `tiny`, the demo's (U-Net 64/128, VAE 32/64/64, text width 64, 32 px, batch 32, v-prediction); `sd2`, an
 SD-2-shaped network at reduced width (U-Net as bench/unet_vs_diffusers.py: 128/256/512/512, 64-dim heads, context
-1024, linear projections; VAE 64/128/256/256 with one resnet a level, text tower width 1024 with one block, chosen so
-that the encoder's and the text tower's shares of the recipe's step are about SD 2's at 512 px; 256 px images,
-32x32 latents, batch 2, epsilon). Timing: one CPU thread by default; each round runs --steps-per-round steps of each
-side in alternating order, and the reported ratio is the median over rounds of ours / diffusers. Peak memory: every
-side in a fresh process, the peak resident set (VmHWM) during the steps above the resident set after a first step
-(the step's transient memory: activations, gradients, optimizer temporaries; weights, optimizer moments, EMA and the
-latent cache are before it and reported apart).
+1024, linear projections; VAE 64/128/256/256 with one resnet a level, text tower width 1024 with one block: per image
+the encoder costs 0.40 and the text tower 0.02 of the U-Net's forward+backward FLOPs, SD 2.1's at 512 px 0.46 and
+0.02; 256 px images, 32x32 latents, batch 2, epsilon; 4 images a class, the paper's few-shot regime, so that the
+latent cache costs one epoch of the recipe's encoding).
+
+Timing: one CPU thread by default; each round runs --steps-per-round steps of each side in alternating order, and the
+reported ratio is the median over rounds of ours / diffusers. Peak memory: every side in a fresh process, the peak
+resident set (VmHWM) during three steps above the resident set once models, EMA and data (the latent cache) are
+built: what training adds to them, the optimizer's moments, gradients, activations and temporaries (our sides'
+processes also hold the recipe's models, idle, where the weights come from: in the base, not in the figure).
 
     python bench/train_step_vs_diffusers.py                      # both configs, ~6 minutes on a busy 2-core machine
     python bench/train_step_vs_diffusers.py --config tiny --rounds 4 --no-memory
@@ -67,7 +70,7 @@ CONFIGS = {
                                 linear_projection=True),
                 vae=VAEConfig(block_channels=(64, 128, 256, 256), layers_per_block=1),
                 text=TextConfig(width=1024, heads=16, layers=1), style=StyleConfig.sd(1024),
-                size=256, batch=2, prediction_type="epsilon"),
+                size=256, batch=2, prediction_type="epsilon", limit_per_class=4),  # few-shot, as the paper
     "smoke": dict(unet=UNetConfig.tiny(block_channels=(32, 32), num_heads=(2, 2)), vae=VAEConfig.tiny(),
                   text=TextConfig.tiny(), style=StyleConfig.tiny(), size=32, batch=8,
                   prediction_type="v_prediction", limit_per_class=16),
@@ -230,15 +233,17 @@ def parity(cfg, dataset, recipe: Recipe, ours: Ours) -> dict:
 
 
 def time_rounds(models, rounds, k):
-    """{side: [seconds per step, one per round]}, the sides' order alternating from round to round."""
-    times, names = {n: [] for n in models}, list(models)
+    """{"wall" | "cpu": {side: [seconds per step, one per round]}}, the sides' order alternating from round to round;
+    "cpu" is this process's CPU time (one thread: what another job on the machine takes away does not count)."""
+    times, names = {clock: {n: [] for n in models} for clock in ("wall", "cpu")}, list(models)
     for r in range(rounds + 1):  # round 0: warm-up
         for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(k):
                 models[n].step()
             if r > 0:
-                times[n].append((time.perf_counter() - t0) / k)
+                times["wall"][n].append((time.perf_counter() - wall) / k)
+                times["cpu"][n].append((time.process_time() - cpu) / k)
     return times
 
 
@@ -250,19 +255,17 @@ def status_bytes(field):
     raise RuntimeError(f"train_step_vs_diffusers.py: no {field} in /proc/self/status (memory figures need Linux)")
 
 
-def memory_child(name, side, steps=2):
-    """One side in a fresh process: the peak resident set (VmHWM) during `steps` steps above the resident set after
-    a first step (writing 5 to /proc/self/clear_refs resets the peak to the current resident set)."""
+def memory_child(name, side, steps=3):
+    """One side in a fresh process: the peak resident set (VmHWM) during `steps` steps above the resident set once
+    everything is built (writing 5 to /proc/self/clear_refs resets the peak to the current resident set)."""
     cfg, dataset, models = build(name, ("diffusers", side))
     model = models[side]
-    del models
-    model.step()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = status_bytes("VmRSS")
     for _ in range(steps):
         model.step()
-    print(json.dumps({"step_peak": status_bytes("VmHWM") - base, "resident_after_first_step": base}))
+    print(json.dumps({"step_peak": status_bytes("VmHWM") - base, "resident_before": base}))
 
 
 def run_config(name, args):
@@ -273,17 +276,16 @@ def run_config(name, args):
                 for n, m in models.items()}
     cache = {"seconds": models["ours"].setup_seconds, "images": len(dataset),
              "bytes": len(dataset) * dataset_latent_bytes(models["ours"])}
-    times = time_rounds(models, args.rounds, k)
-    ratio = lambda a, b: [x / y for x, y in zip(times[a], times[b])]  # noqa: E731
+    clocks = time_rounds(models, args.rounds, k)
     res = {"config": {key: (asdict(v) if is_dataclass(v) else v) for key, v in cfg.items()},
            "steps_per_round": k, "rounds": args.rounds, "parameters": n_params, "parity_max_abs_diff": check,
-           "latent_cache": cache,
-           "seconds_per_step": {n: statistics.median(v) for n, v in times.items()}, "seconds_per_step_all": times,
-           "images_per_second": {n: cfg["batch"] / statistics.median(v) for n, v in times.items()},
-           "ratio_ours_over_diffusers": statistics.median(ratio("ours", "diffusers")),
-           "ratio_clue_over_ours": statistics.median(ratio("clue", "ours")),
-           "ratio_clue_over_diffusers": statistics.median(ratio("clue", "diffusers")),
-           "ratios_ours_over_diffusers": ratio("ours", "diffusers")}
+           "latent_cache": cache, "seconds_per_step_all": clocks}
+    for clock, times in clocks.items():
+        ratios = {f"{a}_over_{b}": [x / y for x, y in zip(times[a], times[b])]
+                  for a, b in (("ours", "diffusers"), ("clue", "ours"), ("clue", "diffusers"))}
+        res[clock] = {"seconds_per_step": {n: statistics.median(v) for n, v in times.items()},
+                      "images_per_second": {n: cfg["batch"] / statistics.median(v) for n, v in times.items()},
+                      "ratio": {key: statistics.median(v) for key, v in ratios.items()}, "ratios": ratios}
     if not args.no_memory:
         res["step_peak_memory_bytes"] = {}
         for side in SIDES:
@@ -300,17 +302,21 @@ def dataset_latent_bytes(ours: Ours) -> int:
 
 
 def table(name, r):
-    s, ips, mem = r["seconds_per_step"], r["images_per_second"], r.get("step_peak_memory_bytes")
+    s, ips, mem = r["wall"]["seconds_per_step"], r["wall"]["images_per_second"], r.get("step_peak_memory_bytes")
     lines = [f"\n{name}: batch {r['config']['batch']}, {r['config']['size']} px; median of {r['rounds']} rounds x "
              f"{r['steps_per_round']} step(s); parity (same z0, noise, t): loss diff "
              f"{r['parity_max_abs_diff']['loss']:.1e}"
              f"; latent cache {r['latent_cache']['seconds']:.1f} s once for {r['latent_cache']['images']} images",
-             "| step | ms / step | images / s | step peak memory (MiB) |", "|---|---|---|---|"]
+             "| step | ms / step (wall) | ms / step (CPU) | images / s | peak memory of the steps (MiB) |",
+             "|---|---|---|---|---|"]
     for n, label in (("diffusers", "diffusers recipe"), ("ours", "ours, vanilla"), ("clue", "ours, CLUE")):
         m = f"{mem[n]['step_peak'] / 2 ** 20:.0f}" if mem else "-"
-        lines.append(f"| {label} | {1e3 * s[n]:.0f} | {ips[n]:.1f} | {m} |")
-    lines.append(f"ours / diffusers {r['ratio_ours_over_diffusers']:.3f}, CLUE / ours {r['ratio_clue_over_ours']:.3f}, "
-                 f"CLUE / diffusers {r['ratio_clue_over_diffusers']:.3f} (medians of per-round ratios)")
+        cpu = 1e3 * r["cpu"]["seconds_per_step"][n]
+        lines.append(f"| {label} | {1e3 * s[n]:.0f} | {cpu:.0f} | {ips[n]:.1f} | {m} |")
+    for clock in ("wall", "cpu"):
+        q = r[clock]["ratio"]
+        lines.append(f"{clock}: ours / diffusers {q['ours_over_diffusers']:.3f}, CLUE / ours "
+                     f"{q['clue_over_ours']:.3f}, CLUE / diffusers {q['clue_over_diffusers']:.3f} (medians of ratios)")
     return "\n".join(lines)
 
 
