@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--flip", action="store_true", help="random horizontal flips (off: they change digits)")
     g.add_argument("--val-data", help="held-out images for the diagnostics (default: digits:test, or --data)")
     g.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loader processes (0: exact resume)")
+    g.add_argument("--no-latent-cache", action="store_true", help="encode every step, not each image once (less RAM)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="SD weights to fine-tune (any format convert.py reads, or a Hugging Face repo id)")
     g.add_argument("--preset", choices=("tiny",), help="train a tiny model from scratch instead")
@@ -224,13 +225,13 @@ def setup_training(clue, args, dataset, rank, world, device) -> tuple[nn.Module,
         opt, lambda s: lr_factor(s, args.warmup_steps, args.steps, args.lr_schedule, args.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda", enabled=args.mixed_precision == "fp16")
     ema = EMA(trainable, args.ema_decay) if args.ema_decay > 0 else None
-    cache = not (args.random_crop or args.flip)  # the same image every epoch: its VAE posterior once
+    cache = not (args.random_crop or args.flip or args.no_latent_cache)  # same image every epoch: its posterior once
     images = cache_latents(dataset, clue.vae, device, args.batch_size) if cache else dataset
     stream = BatchStream(images, args.batch_size, rank, world, args.seed, args.num_workers, device.type == "cuda")
     if rank == 0:
         total, trained = (sum(p.numel() for p in ps) / 1e6 for ps in (clue.parameters(), trainable.values()))
         print(f"model: {total:.2f} M parameters, {trained:.2f} M trained; style tokens {args.style_tokens}; {world} "
-              f"process(es) on {device}; VAE latents {'cached' if cache else 'encoded every step (crop/flip)'}")
+              f"process(es) on {device}; VAE latents {'cached' if cache else 'encoded every step'}")
     return net, TrainingState(clue, trainable, opt, sched, scaler, ema, stream, rank, world, device)
 
 

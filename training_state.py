@@ -263,12 +263,9 @@ def flatten_optimizer(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dic
 
 
 def unflatten_optimizer(opt, names: list[str], tensors: dict, meta: dict):
-    """The inverse of flatten_optimizer; the implementation (fused, foreach) stays this optimizer's own."""
     state = {i: m for i, n in enumerate(names)
              if (m := {k[len(f"optim.{n}."):]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")})}
-    groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items()},
-               **{k: live[k] for k in ("fused", "foreach") if k in live}}
-              for g, live in zip(meta["param_groups"], opt.param_groups)]
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -50,22 +50,21 @@ def test_cached_posterior_gives_the_loss_of_encoding_every_step(data_dir, sample
     assert worst < 1e-5
 
 
-def test_a_run_with_cached_latents_logs_the_losses_of_an_uncached_run(data_dir, vae_dir, tmp_path, monkeypatch):
-    """Whole runs: with the cache (the default without --random-crop / --flip) and without it (cache_latents replaced
-    by the plain dataset), same seed: the same loss at every step, to float32 rounding."""
+def test_a_run_with_cached_latents_logs_the_losses_of_an_uncached_run(data_dir, vae_dir, tmp_path):
+    """Whole runs: with the cache (the default without --random-crop / --flip) and without it (--no-latent-cache),
+    same seed: the same loss at every step, to float32 rounding."""
     args = ("--steps", "5", "--text-dropout", "0.3")
     train.main(tiny_args(data_dir, tmp_path / "cached", vae_dir, *args))
-    monkeypatch.setattr(train, "cache_latents", lambda dataset, *a: dataset)
-    train.main(tiny_args(data_dir, tmp_path / "plain", vae_dir, *args))
+    train.main(tiny_args(data_dir, tmp_path / "plain", vae_dir, *args, "--no-latent-cache"))
     cached, plain = ([r["loss"] for r in read_log(tmp_path / run) if "mse" in r] for run in ("cached", "plain"))
     print("losses, cached:", cached, "\n        plain: ", plain)
     assert len(cached) == len(plain) == 5
     assert cached == pytest.approx(plain, rel=1e-4)  # 5 AdamW steps amplify the first steps' rounding a little
 
 
-def test_random_crop_or_flip_encodes_every_step(data_dir, vae_dir, tmp_path, monkeypatch, capsys):
+def test_random_crop_flip_or_no_cache_encode_every_step(data_dir, vae_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "cache_latents", lambda *a: pytest.fail("latents cached although the images change"))
-    for flag in ("--random-crop", "--flip"):
+    for flag in ("--random-crop", "--flip", "--no-latent-cache"):
         train.main(tiny_args(data_dir, tmp_path / flag, vae_dir, "--steps", "1", flag))
         assert "VAE latents encoded every step" in capsys.readouterr().out
 
