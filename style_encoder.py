@@ -161,6 +161,7 @@ class StyleEncoder(nn.Module):
         if B < 2:
             return x.new_zeros(())
         G = x @ x.T                                        # (B,B): s_i . s_j
-        pairs = G[~torch.eye(B, dtype=torch.bool, device=x.device)]  # the B(B-1) pairs i != j
-        second_moment = pairs.pow(2).mean() - 2 * G.diagonal().mean() + d  # ||M - I||_F^2
-        return (second_moment + 2 * pairs.mean()) / d      # + 2 |m|^2, per dimension
+        pairs = G.masked_fill(torch.eye(B, dtype=torch.bool, device=x.device), 0.0)  # the B(B-1) pairs i != j (a mask,
+        n = B * (B - 1)                                    # not G[mask]: no output size to wait for on a GPU)
+        second_moment = pairs.pow(2).sum() / n - 2 * G.diagonal().mean() + d  # ||M - I||_F^2
+        return (second_moment + 2 * pairs.sum() / n) / d   # + 2 |m|^2, per dimension
