@@ -11,7 +11,7 @@
 # The capacity C = 0.1 nats per style dimension (gamma 0.2) sets how much the style may say about an image (a KL
 # of ~0 would mean the style is ignored); the MMD term (lambda 0.1) keeps all training styles together shaped like
 # the prior N(0, I), so that prior draws at tau 1 span the styles of the data (without it the tiny model put its
-# style in ~3 directions 10x wider than the prior, and tau 1 showed little). About 11 minutes on 2 idle CPU cores.
+# style in ~3 directions 10x wider than the prior, and tau 1 showed little). About 9 minutes on 2 idle CPU cores (16 on a slow pair).
 # It leaves in runs/demo/:
 #   samples.png            rows: digits 0-9; columns: styles drawn from the prior N(0, tau^2 I) at temperatures
 #                          0 (the mean style), 1 (five draws), 2, 3; the same initial noise in every cell, so only
