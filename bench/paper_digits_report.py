@@ -5,8 +5,7 @@ Every number of a synthetic set is first reduced per training seed (a classifier
 number of seeds). CLUE - vanilla is paired: the difference per training seed (the two models of one seed share
 the data, the VAE, the sampling seed and the classifier seeds), then its mean ± std. With --frontier, each
 point's means over seeds give the two plots (precision against recall, F1 against recall, one curve per knob),
-and every CLUE point is set against vanilla at the same precision: the recall of vanilla's best curve through
-that precision (linear between its points), where vanilla reaches that precision at all.
+and every CLUE point is set against vanilla's best knob at the same precision, per training seed (matched_precision).
 """
 from __future__ import annotations
 
@@ -84,7 +83,10 @@ def collect(args, plan: dict) -> dict:
             res["frontier"][pid] = {**points[pid], "per_seed": dict(zip(map(str, seeds), runs)), "summary": {
                 k: summary([r.get(k) for r in runs]) for k in sorted({k for r in runs for k in r})}}
         res["frontier_curves"] = curves
-        res["matched_precision"] = matched_precision(res["frontier"], curves)
+        f1s = [f"syn_{t}_{args.frontier_scale}" for t in ("test", *(["external"] if args.external else []))]
+        res["matched_keys"] = ["recall", *f1s, "fid"]
+        res["matched_precision"] = matched_precision(res["frontier"], curves, seeds[:args.frontier_seeds],
+                                                     tuple(res["matched_keys"]))
     res["reference"] = {"real_limited_vs_test": read_json(out / "metrics" / "real_limited" / "metrics.json")}
     feat = read_json(out / "feature_classifier" / "config.json")
     res["reference"]["feature_classifier"] = feat and {
@@ -99,30 +101,46 @@ def collect(args, plan: dict) -> dict:
     return res
 
 
-def mean_of(point: dict, key: str):
-    s = (point.get("summary") or {}).get(key)
-    return s["mean"] if s else None
+def at_precision(points: list[dict], prec: float, keys: tuple) -> dict | None:
+    """A vanilla curve (its points' scores in knob order) read at precision `prec`: each of `keys` linear between the
+    two neighbouring points whose precisions bracket `prec` (of several brackets, the one with the highest recall);
+    None where the curve does not reach that precision."""
+    best = None
+    for a, b in itertools.pairwise([q for q in points if all(q.get(k) is not None for k in ("precision", *keys))]):
+        if min(a["precision"], b["precision"]) <= prec <= max(a["precision"], b["precision"]):
+            w = 0.0 if a["precision"] == b["precision"] else (prec - a["precision"]) / (b["precision"] - a["precision"])
+            read = {k: a[k] + w * (b[k] - a[k]) for k in keys}
+            best = read if best is None or read["recall"] > best["recall"] else best
+    return best
 
 
-def matched_precision(frontier: dict, curves: list) -> list[dict]:
-    """Every CLUE point against vanilla at the same precision: the highest recall of a vanilla curve through that
-    precision (linear between its points; None where no vanilla curve spans it)."""
-    rows = []
-    vanilla = [[(mean_of(frontier[p], "precision"), mean_of(frontier[p], "recall")) for _, p in c["points"]]
-               for c in curves if c["model"] == "vanilla"]
+def matched_precision(frontier: dict, curves: list, seeds: list, keys: tuple) -> list[dict]:
+    """Every CLUE point against vanilla's best knob at the same precision, paired by training seed: per seed, the
+    vanilla curve with the highest recall through the CLUE point's precision, read off by at_precision; then CLUE -
+    vanilla of every key ("recall" first, F1s, FID) over the seeds where vanilla reaches that precision, and the
+    pooled std of the two sides, sqrt((var CLUE + var vanilla) / 2), over those seeds."""
+    rows, vanilla = [], [c for c in curves if c["model"] == "vanilla"]
     for c in (c for c in curves if c["model"] == "clue"):
         for value, pid in c["points"]:
-            prec, rec = mean_of(frontier[pid], "precision"), mean_of(frontier[pid], "recall")
-            best = None
-            for pts in vanilla:
-                pts = [q for q in pts if None not in q]
-                for (p0, r0), (p1, r1) in itertools.pairwise(pts):
-                    if prec is not None and min(p0, p1) <= prec <= max(p0, p1):
-                        r = r0 if p0 == p1 else r0 + (prec - p0) / (p1 - p0) * (r1 - r0)
-                        best = r if best is None else max(best, r)
-            rows.append({"curve": c["label"], "knob": c["knob"], "value": value, "point": pid, "precision": prec,
-                         "recall": rec, "vanilla_recall_same_precision": best,
-                         "recall_gain": None if best is None or rec is None else rec - best})
+            mine, theirs = [], []
+            for s in map(str, seeds):
+                own = frontier[pid]["per_seed"].get(s) or {}
+                if any(own.get(k) is None for k in ("precision", *keys)):
+                    continue
+                reads = [at_precision([frontier[p]["per_seed"].get(s) or {} for _, p in v["points"]],
+                                      own["precision"], keys) for v in vanilla]
+                if reads := [r for r in reads if r]:
+                    mine.append(own)
+                    theirs.append(max(reads, key=lambda r: r["recall"]))
+            row = {"curve": c["label"], "knob": c["knob"], "value": value, "point": pid, "matched_seeds": len(mine),
+                   "precision": summary([m["precision"] for m in mine]), "clue": {}, "vanilla": {}, "gain": {},
+                   "pooled_std": {}}
+            for k in keys:
+                a, b = [m[k] for m in mine], [t[k] for t in theirs]
+                row["clue"][k], row["vanilla"][k], row["gain"][k] = summary(a), summary(b), paired(a, b)
+                row["pooled_std"][k] = float(np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)) \
+                    if len(a) > 1 else None
+            rows.append(row)
     return rows
 
 
@@ -192,7 +210,8 @@ def markdown(args, plan: dict, res: dict, phases: dict, wall: float) -> str:
     lines += ["", "| phases | seconds |", "|---|---|"] + [f"| {g} | {t:.1f} |" for g, t in groups.items()]
     skipped = sum(bool(r.get("skipped_last_run")) for r in phases.values())
     lines += [f"| total of the phases | {sum(groups.values()):.1f} |",
-              f"| this invocation (wall, --jobs {args.jobs}; {skipped} phases done earlier, skipped) | {wall:.1f} |", "",
+              f"| this invocation (wall, --jobs {args.jobs}; {skipped} phases done earlier, skipped) | {wall:.1f} |",
+              "",
               f"Settings: limit {args.limit_per_class}/class (data seed {args.data_seed}), {args.train_steps} steps "
               f"(VAE {args.vae_steps}), batch {args.batch_size}, style tokens {args.style_tokens}, train args "
               f"{args.train_args!r}, tau {','.join(f'{t:g}' for t in args.taus)}, device {args.device}, "
@@ -216,14 +235,23 @@ def frontier_markdown(args, res: dict) -> list[str]:
             lines.append(f"| {c['label']} | {c['knob']} = {value:g} | " + " | ".join(
                 cell(s.get(k), 2 if k == "fid" else 3) for k in ("precision", "recall", "density", "coverage",
                                                                  "fid", "memorised", f1, *extra)) + " |")
-    lines += ["", "CLUE against vanilla at the same precision (means over seeds; vanilla's recall read off its best "
-              "curve through that precision):", "", "| CLUE point | precision | recall | vanilla recall at that "
-              "precision | recall gain |", "|---|---|---|---|---|"]
-    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    names = {"recall": "recall", "fid": "FID", **{f: f"F1 {f.split('_')[1]}" for f in res["matched_keys"][1:-1]}}
+    lines += ["", "CLUE against vanilla's best knob at the same precision, paired by training seed: per seed, the "
+              "vanilla curve with the highest recall through the CLUE point's precision (linear between its points); "
+              "CLUE - vanilla as mean ± std over the seeds where vanilla reaches that precision, and beside each F1 "
+              "two pooled standard deviations of the two sides (the issue's bar for a real difference):", "",
+              "| CLUE point | seeds | precision | " + " | ".join(
+                  f"{names[k]} CLUE − vanilla" + (" | 2 × pooled std" if k.startswith("syn_") else "")
+                  for k in res["matched_keys"]) + " |",
+              "|---|---|---|" + "---|" * (len(res["matched_keys"]) + len(res["matched_keys"]) - 2)]
     for r in res["matched_precision"]:
-        lines.append(f"| {r['curve']}, {r['knob']} = {r['value']:g} | {fmt(r['precision'])} | {fmt(r['recall'])} | "
-                     + (f"{fmt(r['vanilla_recall_same_precision'])} | {r['recall_gain']:+.3f} |"
-                        if r["recall_gain"] is not None else "outside vanilla's precision range | - |"))
+        cells = []
+        for k in res["matched_keys"]:
+            cells.append(cell(r["gain"][k], 2 if k == "fid" else 3, True))
+            if k.startswith("syn_"):
+                cells.append("-" if r["pooled_std"][k] is None else f"{2 * r['pooled_std'][k]:.3f}")
+        lines.append(f"| {r['curve']}, {r['knob']} = {r['value']:g} | {r['matched_seeds']} | {cell(r['precision'])} | "
+                     + (" | ".join(cells) if r["matched_seeds"] else "outside vanilla's precision range") + " |")
     return lines
 
 

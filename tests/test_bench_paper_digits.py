@@ -22,6 +22,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import paper_digits  # noqa: E402
+import paper_digits_report  # noqa: E402
 
 SMOKE = ["--quick", "--limit-per-class", "3", "--vae-steps", "2", "--train-steps", "2", "--batch-size", "8",
          "--sample-steps", "2", "--sample-batch", "64", "--scales", "100,200", "--classify-steps", "3",
@@ -113,9 +114,36 @@ def test_smoke_run(tmp_path):
     assert all(rec["frontier"][p]["summary"]["recall"]["n"] == 1 for p in POINTS)
     assert all("syn_test_100" in rec["frontier"][p]["summary"] for p in POINTS)
     assert {r["point"] for r in rec["matched_precision"]} == {"c-tau1", "c-ws0"}
+    assert all(set(r["gain"]) == {"recall", "syn_test_100", "syn_external_100", "fid"}
+               for r in rec["matched_precision"])
     for suffix in ("pr", "f1"):
         assert Image.open(results / f"paper_digits_quick_frontier_{suffix}.png").size[0] > 300
     assert "### Diversity-fidelity frontier" in md and "CLUE against vanilla at the same precision" in md
+
+
+def test_matched_precision_reads_vanillas_best_curve_per_seed():
+    """Worked by hand: at precision 0.90 curve A reads (recall, F1, FID) halfway between its points, curve B has
+    less recall there, so A is vanilla's best knob; a seed whose CLUE precision no vanilla curve reaches is left out."""
+    def pt(p, r, f1, fid):
+        return {"precision": p, "recall": r, "syn_test_300": f1, "fid": fid}
+    per_seed = {  # seed -> {point: scores}
+        "0": {"a1": pt(0.95, 0.30, 0.80, 1.0), "a2": pt(0.85, 0.50, 0.85, 0.6), "b1": pt(0.92, 0.35, 0.82, 0.9),
+              "b2": pt(0.88, 0.38, 0.83, 0.8), "c": pt(0.90, 0.60, 0.90, 0.5)},
+        "1": {"a1": pt(0.95, 0.30, 0.80, 1.0), "a2": pt(0.85, 0.60, 0.85, 0.6), "b1": pt(0.92, 0.35, 0.82, 0.9),
+              "b2": pt(0.88, 0.38, 0.83, 0.8), "c": pt(0.90, 0.55, 0.88, 0.6)},
+        "2": {"a1": pt(0.95, 0.30, 0.80, 1.0), "a2": pt(0.85, 0.50, 0.85, 0.6), "b1": pt(0.92, 0.35, 0.82, 0.9),
+              "b2": pt(0.88, 0.38, 0.83, 0.8), "c": pt(0.99, 0.20, 0.70, 2.0)}}
+    frontier = {p: {"per_seed": {s: per_seed[s][p] for s in per_seed}} for p in per_seed["0"]}
+    curves = [{"label": "A", "model": "vanilla", "knob": "w", "points": [(1, "a1"), (2, "a2")]},
+              {"label": "B", "model": "vanilla", "knob": "s", "points": [(0, "b1"), (1, "b2")]},
+              {"label": "C", "model": "clue", "knob": "tau", "points": [(1.0, "c")]}]
+    [row] = paper_digits_report.matched_precision(frontier, curves, [0, 1, 2], ("recall", "syn_test_300", "fid"))
+    assert row["point"] == "c" and row["matched_seeds"] == 2
+    assert row["vanilla"]["recall"]["values"] == pytest.approx([0.40, 0.45])
+    assert row["gain"]["recall"]["values"] == pytest.approx([0.20, 0.10])
+    assert row["gain"]["syn_test_300"]["values"] == pytest.approx([0.075, 0.055])
+    assert row["gain"]["fid"]["values"] == pytest.approx([-0.3, -0.2])
+    assert row["pooled_std"]["syn_test_300"] == pytest.approx(0.01)  # sqrt((var(.90, .88) + var(.825, .825)) / 2)
 
 
 def test_runner_reruns_what_changed(tmp_path):
