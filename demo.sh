@@ -16,7 +16,7 @@
 #   samples.png            rows: digits 0-9; columns: styles drawn from the prior N(0, tau^2 I) at temperatures
 #                          0 (the mean style), 1 (five draws), 2, 3; the same initial noise in every cell, so only
 #                          the style changes along a row. tau 1 is the range of the training styles; tau 2-3 go
-#                          beyond it, where strokes thin out and some digits lose their identity
+#                          beyond it (in some runs strokes thin out and digits lose their identity; in others little changes)
 #   samples_posterior.png  the same with styles from the aggregated posterior (the mu of random training images of
 #                          each digit)
 #   final/                 the trained model + its per-class style posterior (python sample.py --model runs/demo/final)
