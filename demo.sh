@@ -11,12 +11,14 @@
 # The capacity C = 0.1 nats per style dimension (gamma 0.2) sets how much the style may say about an image (a KL
 # of ~0 would mean the style is ignored); the MMD term (lambda 0.1) keeps all training styles together shaped like
 # the prior N(0, I), so that prior draws at tau 1 span the styles of the data (without it the tiny model put its
-# style in ~3 directions 10x wider than the prior, and tau 1 showed little). About 9 minutes on 2 idle CPU cores (16 on a slow pair).
+# style in ~3 directions 10x wider than the prior, and tau 1 showed little). About 9 minutes on 2 idle CPU cores
+# (16 on a slower pair).
 # It leaves in runs/demo/:
 #   samples.png            rows: digits 0-9; columns: styles drawn from the prior N(0, tau^2 I) at temperatures
 #                          0 (the mean style), 1 (five draws), 2, 3; the same initial noise in every cell, so only
 #                          the style changes along a row. tau 1 is the range of the training styles; tau 2-3 go
-#                          beyond it (in some runs strokes thin out and digits lose their identity; in others little changes)
+#                          beyond it (in some runs strokes thin out and digits lose their identity; in others
+#                          little more changes)
 #   samples_posterior.png  the same with styles from the aggregated posterior (the mu of random training images of
 #                          each digit)
 #   final/                 the trained model + its per-class style posterior (python sample.py --model runs/demo/final)
