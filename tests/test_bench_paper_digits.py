@@ -118,7 +118,7 @@ def test_smoke_run(tmp_path):
                for r in rec["matched_precision"])
     for suffix in ("pr", "f1"):
         assert Image.open(results / f"paper_digits_quick_frontier_{suffix}.png").size[0] > 300
-    assert "### Diversity-fidelity frontier" in md and "CLUE against vanilla at the same precision" in md
+    assert "### Diversity-fidelity frontier" in md and "CLUE against vanilla's best knob at the same precision" in md
 
 
 def test_matched_precision_reads_vanillas_best_curve_per_seed():
