@@ -94,6 +94,7 @@ class Protocol:
     combined: bool = False                # also real + synthetic at 100 %
     seeds: int = 3                        # training runs per arm, seeds seed, seed + 1, ...
     seed: int = 0
+    real: bool = True                     # the real-only arm (a sweep over many synthetic sets needs it once)
 
 
 class BasicBlock(nn.Module):
@@ -305,16 +306,16 @@ def summarise(runs):
 
 def run_classify(p: Protocol, cfg: ClassifierConfig | None = None, recipe: TrainRecipe | None = None, device="cpu",
                  progress=True, save_dir=None):
-    """Train the same classifier on every arm, `p.seeds` times: (a) real; (b) synthetic only at each scale;
-    (c) with `p.combined`, real + synthetic at 100 %. Synthetic draws are class-balanced (per class, a share of
+    """Train the same classifier on every arm, `p.seeds` times: (a) real (if `p.real`); (b) synthetic only at each
+    scale; (c) with `p.combined`, real + synthetic at 100 %. Synthetic draws are class-balanced (per class, a share of
     that class's real count) and nested: one seeded permutation per class and seed, the first n of it.
     -> results dict (JSON-ready). With `save_dir`, the first seed's real-data classifier is saved in
     save_dir/classifier_real."""
     cfg, recipe = cfg or ClassifierConfig.digits32(), recipe or TrainRecipe.digits32()
     real_x, real_y, names = load_labelled(p.train, cfg.image_size, progress=progress)
     synth_x, synth_y, _ = load_labelled(p.synthetic, cfg.image_size, names, progress)
-    arms = [("real", None)] + [("synthetic", s) for s in p.scales] + ([("real+synthetic", 100)] if p.combined else [])
-    check_enough_synthetic(real_y, synth_y, names, max(s for _, s in arms[1:]) if len(arms) > 1 else 0)
+    arms = [("real", None)] * p.real + [("synthetic", s) for s in p.scales] + [("real+synthetic", 100)] * p.combined
+    check_enough_synthetic(real_y, synth_y, names, max([s for _, s in arms if s is not None], default=0))
     tests = {name: load_labelled(folder, cfg.image_size, names, progress)  # the real test set(s)
              for name, folder in (("test", p.test), ("external", p.external)) if folder}
     cfg = replace(cfg, num_classes=len(names), class_names=names)

@@ -339,7 +339,7 @@ def cmd_classify(args):
     cfg, recipe = _classifier_setup(args)
     protocol = clf.Protocol(_folder(args.train), args.synthetic, _folder(args.test),
                             _folder(args.external) if args.external else None, args.scales, args.combined,
-                            args.seeds, args.seed)
+                            args.seeds, args.seed, real=not args.no_real)
     results = clf.run_classify(protocol, cfg, recipe, args.device, not args.quiet, args.out)
     print(classify_table(results))
     atomic_write_json(os.path.join(args.out, "classify.json"), results)
@@ -423,6 +423,7 @@ def build_parser():
     c.add_argument("--scales", type=comma_list(positive_int), default=[100, 200, 500, 1000],
                    help="synthetic-only arms, in %% of the real count per class (default 100,200,500,1000)")
     c.add_argument("--combined", action="store_true", help="also train on real + an equal amount (100 %%) of synthetic")
+    c.add_argument("--no-real", action="store_true", help="skip the real-only arm (a sweep trains it once elsewhere)")
     c.add_argument("--seeds", type=positive_int, default=3, help="training runs per arm (mean and std reported)")
     c.add_argument("--out", default="runs/classify", help="folder for classify.json, classify_f1.png, classifier_real/")
     common(c)

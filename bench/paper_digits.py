@@ -27,8 +27,9 @@ changed, or a phase it depends on was re-run; an interrupted training resumes fr
                the digits test split (and --external), mean over --eval-seeds classifier seeds.
   --frontier   for the first --frontier-seeds training seeds, each model's diversity knobs swept, every point a
                cheap synthetic set (--frontier-steps DDIM steps, --frontier-scale % of the real count) through
-               sample, metrics and classify (synthetic only at that scale): vanilla over the text guidance
-               scale and over CADS condition noise, CLUE over tau and over the style guidance scale.
+               sample, metrics and classify (synthetic only at that scale, no real-only arm): vanilla over the
+               text guidance scale and over CADS condition noise, CLUE over tau and over the style guidance scale.
+               A point that is a main-table set (same flags, steps and scale) is that set, not sampled again.
 Then bench/paper_digits_report.py writes RESULTS/paper_digits.md and .json (every metric as mean ± std over
 the training seeds, the paired difference CLUE - vanilla per seed, every command and phase time) and, with
 --frontier, the plots RESULTS/paper_digits_frontier_pr.png and _f1.png. --quick writes paper_digits_quick.*.
@@ -330,6 +331,16 @@ def frontier_curves(args) -> tuple[dict, list[dict]]:
     return points, curves
 
 
+def shared_points(args) -> dict[str, str]:
+    """{frontier point id: main-table arm name} for the points that ARE a main-table set (the same model, flags, DDIM
+    steps and image count, and so the same sampling seed): those are sampled and scored once, by the main table."""
+    points, _ = frontier_curves(args)
+    if args.frontier_steps != args.sample_steps or args.frontier_scale != max(args.scale_list):
+        return {}
+    arms = {(a["model"], tuple([*a["style"], "--guidance", f"{args.guidance:g}"])): a["name"] for a in arms_of(args)}
+    return {pid: arms[key] for pid, pt in points.items() if (key := (pt["model"], tuple(pt["flags"]))) in arms}
+
+
 def external_folder(args) -> Path | None:
     if args.external is None:
         return None
@@ -363,7 +374,7 @@ def build_phases(args) -> list[Phase]:
               "--preset", "digits32", "--seed", str(args.eval_seed), *dev, "--quiet",
               *(["--steps", str(args.feature_steps)] if args.feature_steps else [])]))
 
-    def evaluate(tag, fake, dep, scales, eval_seeds, combined):
+    def evaluate(tag, fake, dep, scales, eval_seeds, combined, real_arm=True):
         m, c = fake.parent.parent / "metrics" / fake.name, fake.parent.parent / "classify" / fake.name
         return [Phase(f"metrics_{tag}", m, m / "metrics.json", deps=[dep, "features"], argv=[
                     "eval.py", "metrics", "--real", "digits:test", "--fake", str(fake), "--train", str(real),
@@ -372,6 +383,7 @@ def build_phases(args) -> list[Phase]:
                 Phase(f"classify_{tag}", c, c / "classify.json", deps=["data", dep, *ext_dep], argv=[
                     "eval.py", "classify", "--train", str(real), "--synthetic", str(fake), "--test", "digits:test",
                     *ext_flags, "--scales", ",".join(map(str, scales)), *(["--combined"] if combined else []),
+                    *([] if real_arm else ["--no-real"]),
                     "--seeds", str(eval_seeds), "--seed", str(args.eval_seed), "--preset", "digits32",
                     "--out", str(c), *dev, "--quiet",
                     *(["--steps", str(args.classify_steps)] if args.classify_steps else [])])]
@@ -387,6 +399,7 @@ def build_phases(args) -> list[Phase]:
         "eval.py", "metrics", "--real", "digits:test", "--fake", str(real), "--features", "classifier",
         "--classifier", str(feat), "--cache-dir", str(out / "feature_cache"), "--out", str(m), *dev, "--quiet"]))
     points, _ = frontier_curves(args)
+    shared = shared_points(args)
     for i, s in enumerate(training_seeds(args)):
         sd = out / f"s{s}"
         for model, tokens in (("vanilla", 0), ("clue", args.style_tokens)):
@@ -404,10 +417,13 @@ def build_phases(args) -> list[Phase]:
                                  args.sample_steps, args.sample_seed + i))
             phases += evaluate(tag, fake, f"sample_{tag}", args.scale_list, args.eval_seeds, True)
         for pid, pt in (points.items() if args.frontier and i < args.frontier_seeds else ()):
+            if pid in shared:  # the main table's set, sampled and scored there
+                continue
             tag, fake = f"f{pid}_s{s}", sd / "frontier" / "synthetic" / pid
             phases.append(sample(tag, sd / "runs" / pt["model"], fake, ["data", f"train_{pt['model']}_s{s}"],
                                  pt["flags"], args.frontier_scale, args.frontier_steps, args.sample_seed + i))
-            phases += evaluate(tag, fake, f"sample_{tag}", [args.frontier_scale], args.frontier_eval_seeds, False)
+            phases += evaluate(tag, fake, f"sample_{tag}", [args.frontier_scale], args.frontier_eval_seeds, False,
+                               real_arm=False)  # the real-only classifier is the main table's
     return phases
 
 
@@ -421,7 +437,7 @@ def plan_of(args) -> dict:
     """What the report needs to know of the plan (paper_digits_report.collect)."""
     points, curves = frontier_curves(args)
     return {"seeds": training_seeds(args), "arms": arms_of(args), "points": points, "curves": curves,
-            "external": external_folder(args)}
+            "shared": shared_points(args), "external": external_folder(args)}
 
 
 def main(argv=None) -> dict:

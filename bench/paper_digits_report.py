@@ -79,7 +79,9 @@ def collect(args, plan: dict) -> dict:
     if args.frontier:
         points, curves = plan["points"], plan["curves"]
         for pid in points:
-            runs = [scores(out / f"s{s}" / "frontier", pid) for s in seeds[:args.frontier_seeds]]
+            arm = plan["shared"].get(pid)  # a main-table set: its scores (F1 over its --eval-seeds classifiers)
+            runs = [scores(out / f"s{s}", arm) if arm else scores(out / f"s{s}" / "frontier", pid)
+                    for s in seeds[:args.frontier_seeds]]
             res["frontier"][pid] = {**points[pid], "per_seed": dict(zip(map(str, seeds), runs)), "summary": {
                 k: summary([r.get(k) for r in runs]) for k in sorted({k for r in runs for k in r})}}
         res["frontier_curves"] = curves

@@ -146,6 +146,21 @@ def test_matched_precision_reads_vanillas_best_curve_per_seed():
     assert row["pooled_std"]["syn_test_300"] == pytest.approx(0.01)  # sqrt((var(.90, .88) + var(.825, .825)) / 2)
 
 
+def test_frontier_points_that_are_main_sets_are_not_sampled_again(tmp_path):
+    """A point with the main table's flags, DDIM steps and image count is that set: no phases of its own (the report
+    reads the main table's scores); the other points classify without a real-only arm (the main table has it)."""
+    args = paper_digits.parse_args(["--out", str(tmp_path), "--tau", "1,1.5", "--scales", "300", "--sample-steps", "20",
+                                    "--frontier", "--frontier-guidance", "1,3", "--frontier-noise", "0.5",
+                                    "--frontier-tau", "1,2", "--frontier-style-guidance", "2", "--seeds", "1"])
+    assert paper_digits.shared_points(args) == {"v-g3": "vanilla", "c-tau1": "clue_tau1"}
+    names = {ph.name: ph for ph in paper_digits.build_phases(args)}
+    assert {n for n in names if n.startswith("sample_f")} == {f"sample_f{p}_s0" for p in
+                                                                ("v-g1", "v-cads0.5", "c-tau2", "c-ws2")}
+    assert "--no-real" in names["classify_fv-g1_s0"].argv and "--no-real" not in names["classify_vanilla_s0"].argv
+    args.frontier_steps = 10  # another DDIM step count: no point is a main-table set any more
+    assert paper_digits.shared_points(args) == {}
+
+
 def test_runner_reruns_what_changed(tmp_path):
     """In-process phases: skip when done; re-run on a changed command, a re-run dependency, or --force."""
     args = Namespace(out=str(tmp_path), force=False, threads=1, verbose=False)

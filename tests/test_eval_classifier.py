@@ -118,6 +118,13 @@ def test_classify_command_end_to_end(tmp_path, capsys):
     with open(os.path.join(out, "classify_f1.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(os.path.join(out, "classifier_real", "model.safetensors"))
+    # --no-real: the real-only arm is left out and the others are the same classifiers (each seeded by itself)
+    no_real = ev.main(["classify", "--train", train, "--synthetic", synthetic, "--test", test, "--external",
+                       external, "--scales", "100,200", "--combined", "--seeds", "2", "--no-real",
+                       "--out", str(tmp_path / "no_real")] + tiny)
+    assert [a["arm"] for a in no_real["arms"]] == ["synthetic", "synthetic", "real+synthetic"]
+    assert [a["test"]["macro_f1"] for a in no_real["arms"]] == [a["test"]["macro_f1"] for a in saved["arms"][1:]]
+    assert not os.path.exists(tmp_path / "no_real" / "classifier_real")
     # too few synthetic images for a scale: a clear error before any training
     with pytest.raises(ValueError, match=r"class 'left': 12 synthetic images; 1000 % of 6 real ones needs 60"):
         ev.main(["classify", "--train", train, "--synthetic", synthetic, "--test", test, "--scales", "1000",
