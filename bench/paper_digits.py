@@ -28,7 +28,8 @@ changed, or a phase it depends on was re-run; an interrupted training resumes fr
   --frontier   for the first --frontier-seeds training seeds, each model's diversity knobs swept, every point a
                cheap synthetic set (--frontier-steps DDIM steps, --frontier-scale % of the real count) through
                sample, metrics and classify (synthetic only at that scale, no real-only arm): vanilla over the
-               text guidance scale and over CADS condition noise, CLUE over tau and over the style guidance scale.
+               text guidance scale and over CADS condition noise, CLUE over tau, the text guidance scale and the
+               style guidance scale.
                A point that is a main-table set (same flags, steps and scale) is that set, not sampled again.
 Then bench/paper_digits_report.py writes RESULTS/paper_digits.md and .json (every metric as mean ± std over
 the training seeds, the paired difference CLUE - vanilla per seed, every command and phase time) and, with
@@ -119,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CLUE: prior temperatures at --guidance (default 0,0.5,1,1.5,2)")
     g.add_argument("--frontier-style-guidance", type=comma_list(finite_float), default=[0.0, 2.0, 4.0],
                    help="CLUE: style guidance scales at tau 1 and --guidance (default 0,2,4; 1 is the tau 1 point)")
+    g.add_argument("--frontier-clue-guidance", type=comma_list(finite_float), default=[1.0, 2.0],
+                   help="CLUE: text guidance scales at tau 1 (default 1,2; --guidance is the tau 1 point): the knob "
+                        "vanilla's best curve turns, given to CLUE too")
     g.add_argument("--frontier-steps", type=positive_int, default=20, help="DDIM steps of a point (default 20)")
     g.add_argument("--frontier-scale", type=positive_int, default=300,
                    help="images per point, %% of the real count; its synthetic-only F1 is at this scale "
@@ -324,6 +328,10 @@ def frontier_curves(args) -> tuple[dict, list[dict]]:
         for s in sorted({0.0, *args.frontier_noise})]})
     curves.append({"label": f"CLUE: tau (w {w})", "model": "clue", "knob": "τ",
                    "points": [(t, tau(t)) for t in sorted(set(args.frontier_tau))]})
+    curves.append({"label": "CLUE: guidance w (tau 1)", "model": "clue", "knob": "w", "points": [
+        (g, tau(1.0) if g == args.guidance else point(f"c-g{g:g}", "clue", [
+            "--style", "prior", "--tau", "1", "--guidance", f"{g:g}"]))
+        for g in sorted({args.guidance, *args.frontier_clue_guidance})]})
     curves.append({"label": f"CLUE: style guidance w_s (tau 1, w {w})", "model": "clue", "knob": "w_s", "points": [
         (ws, tau(1.0) if ws == 1 else point(f"c-ws{ws:g}", "clue", [
             "--style", "prior", "--tau", "1", "--guidance", w, "--style-guidance", f"{ws:g}"]))

@@ -265,7 +265,7 @@ def plot_frontier(args, res: dict, results: Path, stem: str) -> list[str]:
     for y, ylabel, suffix in (("precision", "k-NN precision (k=3)", "pr"),
                               (f1, f"macro F1, synthetic only at {args.frontier_scale} %", "f1")):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for c, color in zip(res["frontier_curves"], ("C0", "C9", "C3", "C1")):
+        for c, color in zip(res["frontier_curves"], ("C0", "C9", "C3", "C2", "C1")):
             pts = [(v, res["frontier"][p]["summary"]) for v, p in c["points"]]
             pts = [(v, s) for v, s in pts if s.get("recall") and s.get(y)]
             if not pts:

@@ -29,7 +29,8 @@ SMOKE = ["--quick", "--limit-per-class", "3", "--vae-steps", "2", "--train-steps
          "--feature-steps", "3", "--train-args", "--grid-steps 1 --grid-taus 0 --diag-images 8 --warmup-steps 1",
          "--seeds", "2", "--jobs", "2", "--external", "make", "--external-per-class", "2",
          "--frontier", "--frontier-seeds", "1", "--frontier-guidance", "3", "--frontier-noise", "0.5",
-         "--frontier-tau", "1", "--frontier-style-guidance", "0", "--frontier-scale", "100", "--frontier-steps", "2"]
+         "--frontier-tau", "1", "--frontier-style-guidance", "0", "--frontier-clue-guidance", "3",
+         "--frontier-scale", "100", "--frontier-steps", "2"]
 POINTS = ["v-g3", "v-cads0.5", "c-tau1", "c-ws0"]
 
 
@@ -151,11 +152,12 @@ def test_frontier_points_that_are_main_sets_are_not_sampled_again(tmp_path):
     reads the main table's scores); the other points classify without a real-only arm (the main table has it)."""
     args = paper_digits.parse_args(["--out", str(tmp_path), "--tau", "1,1.5", "--scales", "300", "--sample-steps", "20",
                                     "--frontier", "--frontier-guidance", "1,3", "--frontier-noise", "0.5",
-                                    "--frontier-tau", "1,2", "--frontier-style-guidance", "2", "--seeds", "1"])
+                                    "--frontier-tau", "1,2", "--frontier-style-guidance", "2",
+                                    "--frontier-clue-guidance", "1,3", "--seeds", "1"])
     assert paper_digits.shared_points(args) == {"v-g3": "vanilla", "c-tau1": "clue_tau1"}
     names = {ph.name: ph for ph in paper_digits.build_phases(args)}
     assert {n for n in names if n.startswith("sample_f")} == {f"sample_f{p}_s0" for p in
-                                                                ("v-g1", "v-cads0.5", "c-tau2", "c-ws2")}
+                                                                ("v-g1", "v-cads0.5", "c-tau2", "c-g1", "c-ws2")}
     assert "--no-real" in names["classify_fv-g1_s0"].argv and "--no-real" not in names["classify_vanilla_s0"].argv
     args.frontier_steps = 10  # another DDIM step count: no point is a main-table set any more
     assert paper_digits.shared_points(args) == {}
