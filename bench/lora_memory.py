@@ -38,6 +38,7 @@ from lora import LoRALinear, add_lora, lora_trains  # noqa: E402
 from style_encoder import StyleConfig, StyleEncoder  # noqa: E402
 from text_encoder import TextConfig, TextEncoder  # noqa: E402
 from unet import UNet, UNetConfig, is_style_param  # noqa: E402
+from unet_vs_diffusers import status_bytes  # noqa: E402 (bench/, beside this file)
 from vae import VAE, VAEConfig  # noqa: E402
 
 
@@ -90,22 +91,17 @@ def step(unet, encoder, opt, batch):
     opt.step()
 
 
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def child(args):
     torch.set_num_threads(args.threads)
     unet, encoder, trained = build(args.child)
     opt, batch = torch.optim.AdamW(trained.values(), lr=1e-5), inputs(args)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    before = status("VmRSS")
+    before = status_bytes("VmRSS")
     for _ in range(2):
         step(unet, encoder, opt, batch)
-    print(json.dumps({"rss_before_step": before, "step_peak_above": status("VmHWM") - before,
-                      "process_peak": status("VmHWM")}))
+    print(json.dumps({"rss_before_step": before, "step_peak_above": status_bytes("VmHWM") - before,
+                      "process_peak": status_bytes("VmHWM")}))
 
 
 def count(mode: str, cfg: UNetConfig = UNET) -> dict:

@@ -59,6 +59,7 @@ from reference import clip_tokenizer_offline, unet_to_diffusers, vae_to_diffuser
 from style_encoder import StyleConfig  # noqa: E402
 from text_encoder import TextConfig  # noqa: E402
 from unet import UNetConfig, is_style_param  # noqa: E402
+from unet_vs_diffusers import status_bytes  # noqa: E402 (bench/, beside this file)
 from vae import VAEConfig  # noqa: E402
 
 SIDES = ("ours", "diffusers", "clue")
@@ -245,14 +246,6 @@ def time_rounds(models, rounds, k):
                 times["wall"][n].append((time.perf_counter() - wall) / k)
                 times["cpu"][n].append((time.process_time() - cpu) / k)
     return times
-
-
-def status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"train_step_vs_diffusers.py: no {field} in /proc/self/status (memory figures need Linux)")
 
 
 def memory_child(name, side, steps=3):

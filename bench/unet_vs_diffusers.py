@@ -108,12 +108,13 @@ def timed(fn, device):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _status_bytes(field):
+def status_bytes(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM, ...) in bytes; the bench scripts' one reader of it."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024                 # reported in kB
-    raise RuntimeError(f"unet_vs_diffusers.py: no {field} in /proc/self/status (the CPU memory figures need Linux)")
+    raise RuntimeError(f"no {field} in /proc/self/status (the CPU memory figures need Linux)")
 
 
 def memory_child(args):
@@ -131,12 +132,12 @@ def memory_child(args):
             f.write("5")
     except OSError:
         pass                                                      # then slack_before says how much the build left
-    base = _status_bytes("VmRSS")
-    peak_before = _status_bytes("VmHWM")
+    base = status_bytes("VmRSS")
+    peak_before = status_bytes("VmHWM")
     forward(model, inputs)
-    peak_fwd = _status_bytes("VmHWM")
+    peak_fwd = status_bytes("VmHWM")
     forward_backward(model, inputs)
-    peak_train = _status_bytes("VmHWM")
+    peak_train = status_bytes("VmHWM")
     print(json.dumps({"forward": peak_fwd - base, "forward_backward": peak_train - base,
                       "slack_before": peak_before - base, "model_and_inputs": base}))
 
