@@ -124,6 +124,8 @@ def matched_precision(frontier: dict, curves: list, seeds: list, keys: tuple) ->
     rows, vanilla = [], [c for c in curves if c["model"] == "vanilla"]
     for c in (c for c in curves if c["model"] == "clue"):
         for value, pid in c["points"]:
+            if pid in {r["point"] for r in rows}:  # a point on two curves (tau 1 at w, w_s 1): one row, the first
+                continue
             mine, theirs = [], []
             for s in map(str, seeds):
                 own = frontier[pid]["per_seed"].get(s) or {}
@@ -237,18 +239,19 @@ def frontier_markdown(args, res: dict) -> list[str]:
             lines.append(f"| {c['label']} | {c['knob']} = {value:g} | " + " | ".join(
                 cell(s.get(k), 2 if k == "fid" else 3) for k in ("precision", "recall", "density", "coverage",
                                                                  "fid", "memorised", f1, *extra)) + " |")
-    names = {"recall": "recall", "fid": "FID", **{f: f"F1 {f.split('_')[1]}" for f in res["matched_keys"][1:-1]}}
+    keys = res["matched_keys"]
+    names = {"recall": "recall", "fid": "FID", **{f: f"F1 {f.split('_')[1]}" for f in keys[1:-1]}}
     lines += ["", "CLUE against vanilla's best knob at the same precision, paired by training seed: per seed, the "
               "vanilla curve with the highest recall through the CLUE point's precision (linear between its points); "
               "CLUE - vanilla as mean ± std over the seeds where vanilla reaches that precision, and beside each F1 "
               "two pooled standard deviations of the two sides (the issue's bar for a real difference):", "",
               "| CLUE point | seeds | precision | " + " | ".join(
                   f"{names[k]} CLUE − vanilla" + (" | 2 × pooled std" if k.startswith("syn_") else "")
-                  for k in res["matched_keys"]) + " |",
-              "|---|---|---|" + "---|" * (len(res["matched_keys"]) + len(res["matched_keys"]) - 2)]
+                  for k in keys) + " |",
+              "|---|---|---|" + "---|" * (len(keys) + sum(k.startswith("syn_") for k in keys))]
     for r in res["matched_precision"]:
         cells = []
-        for k in res["matched_keys"]:
+        for k in keys:
             cells.append(cell(r["gain"][k], 2 if k == "fid" else 3, True))
             if k.startswith("syn_"):
                 cells.append("-" if r["pooled_std"][k] is None else f"{2 * r['pooled_std'][k]:.3f}")
