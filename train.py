@@ -4,10 +4,12 @@ CLUE (Park et al., arXiv 2511.10993) fine-tunes Stable Diffusion with a KL-regul
 feed a second cross-attention layer; the objective is `CLUE.loss` (clue.py). This is the program around it:
   --model PATH   fine-tune SD: VAE and text encoder frozen, U-Net + style encoder + style attention trained;
   --preset tiny  from scratch: phase 1 trains a tiny VAE (training_state.train_vae), phase 2 everything else
-                 (--no-train-text-encoder keeps the random text features, which tell fixed-format prompts apart).
+                 (--no-train-text-encoder keeps the random text features, which tell fixed-format prompts apart);
+  both           fine-tune a tiny base of ours (e.g. pre-trained without labels) with the tiny preset's sizes.
 AdamW (Loshchilov & Hutter 2019), warm-up then cosine or constant LR, gradient clipping and accumulation, an EMA
 of the weights (for samples, diagnostics, the saved model), autocast on GPU; under torchrun DistributedDataParallel
-(rank 0 writes every file); `--resume` goes on bit-exactly on CPU. Left out: LoRA, prior preservation, multi-node.
+(rank 0 writes every file); `--resume` goes on bit-exactly on CPU; LoRA on --model. Left out: prior preservation,
+multi-node.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ EXAMPLES = """examples (the first is demo.sh: a tiny CLUE on scikit-learn's digi
   # vanilla fine-tuning baseline (the same run without the style branch)
   python train.py --data ears/ --model sd21-base/ --prompt "an otoscopic image of {class}" --mixed-precision bf16
   python train.py --data ears/ --model sd21-base/ --style-tokens 0 --output runs/ears_vanilla
+  # CLUE fine-tuned from a tiny vanilla model of ours (here the demo's), with the tiny preset's style encoder
+  python train.py --data digits --model runs/demo_vanilla/final --preset tiny --output runs/demo_ft
 """
 
 
@@ -78,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-latent-cache", action="store_true", help="encode every step, not each image once (less RAM)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="SD weights to fine-tune (any format convert.py reads, or a Hugging Face repo id)")
-    g.add_argument("--preset", choices=("tiny",), help="train a tiny model from scratch instead")
+    g.add_argument("--preset", choices=("tiny",), help="train a tiny model from scratch instead; with --model: the base "
+                   "is a tiny model (the tiny style encoder, objective and defaults)")
     g.add_argument("--prediction-type", choices=PREDICTION_TYPES, help="single SD files, --preset tiny (v_prediction)")
     g.add_argument("--vae", help="tiny preset: reuse this trained VAE folder instead of phase 1")
     g.add_argument("--style-tokens", type=non_negative_int, default=4, help="K style tokens; 0 = vanilla baseline")
@@ -137,12 +142,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dump-param-checksum", action="store_true", help="testing: every rank writes its weights' hash")
     a = p.parse_args(argv)
     for wrong, message in (  # flags that contradict each other
-        ((a.model is None) == (a.preset is None), "give exactly one of --model PATH (fine-tune SD) or --preset tiny "
-                                                  "(from scratch)"),
-        (a.vae and not a.preset, "--vae is for --preset tiny (a fine-tune takes the VAE from --model)"),
+        (a.model is None and a.preset is None, "give --model PATH (fine-tune SD) or --preset tiny (from scratch)"),
+        (a.vae and (a.model or not a.preset), "--vae is for --preset tiny (a fine-tune takes the VAE from --model)"),
         (a.prompt is not None and "{class}" not in a.prompt, f"--prompt {a.prompt!r} needs a {{class}} placeholder"),
         (a.freeze_unet and a.style_tokens == 0, "--freeze-unet with --style-tokens 0 leaves nothing to train"),
-        (a.lora_rank and a.preset, "--lora-rank adapts pretrained weights (--model); --preset tiny trains in full"),
+        (a.unet_channels and a.model, "--unet-channels sizes a U-Net from scratch; --model brings its own"),
+        (a.lora_rank and not a.model, "--lora-rank adapts pretrained weights (--model); --preset tiny trains in full"),
         (a.lora_alpha and not a.lora_rank, "--lora-alpha needs --lora-rank"),
         (a.lora_rank and (a.freeze_unet or a.train_text_encoder), "--lora-rank trains the adapters, the style encoder "
                                                                   "and the style layers: drop --freeze-unet and "
@@ -177,9 +182,11 @@ def build_model(args, dataset, rank, world, device, output: Path) -> CLUE:
                                ("layers", args.style_layers)) if v}  # --style-tokens 0: no style branch (vanilla)
     if args.model:
         sd = load_stable_diffusion(args.model, prediction_type=args.prediction_type)
-        style = replace(StyleConfig.sd(sd.unet.cfg.context_dim), latent_channels=sd.unet.cfg.in_channels, **sizes)
+        preset = StyleConfig.tiny() if args.preset else StyleConfig.sd()  # --preset tiny: a tiny base
+        style = replace(preset, context_dim=sd.unet.cfg.context_dim, latent_channels=sd.unet.cfg.in_channels, **sizes)
         seed_everything(args.seed)
-        clue = CLUE.from_stable_diffusion(sd, style if args.style_tokens else None, CLUEConfig(**objective))
+        clue = CLUE.from_stable_diffusion(sd, style if args.style_tokens else None,
+                                          CLUEConfig.tiny(**objective) if args.preset else CLUEConfig(**objective))
         if args.lora_rank:  # drawn after the style encoder: its initialisation is that of a run without LoRA
             add_lora(clue.unet, args.lora_rank, args.lora_alpha)
         return clue

@@ -15,8 +15,12 @@ changed, or a phase it depends on was re-run; an interrupted training resumes fr
   vae          the tiny VAE, trained once on that subset (train.py phase 1, a run of 1 U-Net step whose vae/
                folder is kept) and passed with --vae to every model.
   external     with --external make: bench/external_digits.py writes OUT/external_digits (typeset digits).
+  pretrain_*   with --pretrain-steps N, the regime of the paper (SD pre-trained on other images, then fine-tuned): the
+               digits train split WITHOUT the limited set, labels dropped (one folder "digit", prompt "a handwritten
+               digit"), and a vanilla tiny model trained N steps on it with the same VAE (OUT/runs/pretrain).
   train_*      for each of --seeds training seeds s (--seed, --seed + 1, ...): vanilla (--style-tokens 0) and
-               CLUE (--style-tokens K), the same flags, data and VAE; in OUT/s<s>/.
+               CLUE (--style-tokens K), the same flags, data and VAE (from scratch, or fine-tuned from the
+               pre-trained base with train.py --model BASE --preset tiny); in OUT/s<s>/.
   sample_*     synthetic class-folder sets at the largest scale: vanilla; CLUE with prior styles at each tau;
                optionally CLUE with its aggregated posterior. Sampling seed --sample-seed + (s - --seed).
   features     the feature classifier for FID / precision / recall / density / coverage, trained on the FULL
@@ -33,7 +37,8 @@ changed, or a phase it depends on was re-run; an interrupted training resumes fr
                A point that is a main-table set (same flags, steps and scale) is that set, not sampled again.
 Then bench/paper_digits_report.py writes RESULTS/paper_digits.md and .json (every metric as mean ± std over
 the training seeds, the paired difference CLUE - vanilla per seed, every command and phase time) and, with
---frontier, the plots RESULTS/paper_digits_frontier_pr.png and _f1.png. --quick writes paper_digits_quick.*.
+--frontier, the plots RESULTS/paper_digits_frontier_pr.png and _f1.png (the stem is --name: paper_digits, with
+--pretrain-steps paper_digits_pretrained, with --quick + _quick).
 """
 from __future__ import annotations
 
@@ -67,6 +72,8 @@ EXAMPLES = """examples:
   # 50 images per class, two temperatures, the aggregated posterior too, on a GPU
   python bench/paper_digits.py --limit-per-class 50 --tau 0.7,1.0 --posterior posterior --device cuda \\
       --out runs/paper_digits_50
+  # both models fine-tuned from a base pre-trained on the other train digits without labels: *_pretrained.*
+  python bench/paper_digits.py --jobs 2 --external make --pretrain-steps 3000
   # pass extra flags to every train.py run (the same for vanilla and CLUE)
   python bench/paper_digits.py --train-args "--kl-mode beta --beta 1e-3"
   # continue an interrupted run: the same command again (finished phases are skipped); --force redoes all
@@ -74,12 +81,10 @@ EXAMPLES = """examples:
 
 # Defaults of the full benchmark and of --quick; an explicit flag always wins.
 FULL = dict(limit_per_class=30, vae_steps=600, train_steps=1500, batch_size=32, sample_steps=50, sample_batch=100,
-            classify_steps=None, feature_steps=None, eval_seeds=3, seeds=3, external_per_class=100,
-            out=str(ROOT / "runs" / "paper_digits"))
+            classify_steps=None, feature_steps=None, eval_seeds=3, seeds=3, external_per_class=100)
 QUICK = dict(limit_per_class=10, vae_steps=100, train_steps=100, batch_size=32, sample_steps=10, sample_batch=100,
-             classify_steps=60, feature_steps=100, eval_seeds=1, seeds=1, external_per_class=10,
-             out=str(ROOT / "runs" / "paper_digits_quick"))
-ORDER = ["data", "vae", "external", "train", "sample", "features", "metrics", "classify"]  # --stop-after groups
+             classify_steps=60, feature_steps=100, eval_seeds=1, seeds=1, external_per_class=10)
+ORDER = ["data", "vae", "external", "pretrain", "train", "sample", "features", "metrics", "classify"]  # --stop-after groups
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train-steps", type=positive_int, help="U-Net (+ style encoder) steps (default 1500; quick 100)")
     g.add_argument("--batch-size", type=positive_int, help="training batch (default 32, capped at the real set size)")
     g.add_argument("--train-args", default="", help="extra train.py flags for every model (later flags win)")
+    g.add_argument("--pretrain-steps", type=non_negative_int, default=0,
+                   help="> 0: both models are fine-tuned from a vanilla base trained this many steps on the digits "
+                        "train split WITHOUT the limited set and without labels (see above; default 0: from scratch)")
     g = p.add_argument_group("synthetic data")
     g.add_argument("--tau", type=comma_list(non_negative_float), default=[1.0],
                    help="style temperature(s) of the CLUE prior draws, comma-separated (default 1)")
@@ -140,7 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "OUT/external_digits from bench/external_digits.py (typeset digits; a test set only)")
     g.add_argument("--external-per-class", type=positive_int, help="--external make: images per digit (100)")
     g = p.add_argument_group("running")
-    g.add_argument("--out", help="work folder (default <repo>/runs/paper_digits; quick: runs/paper_digits_quick)")
+    g.add_argument("--name", help="stem of the results and of the default work folder (default paper_digits, "
+                   "+ _pretrained with --pretrain-steps, + _quick with --quick)")
+    g.add_argument("--out", help="work folder (default <repo>/runs/NAME)")
     g.add_argument("--results-dir", default=str(ROOT / "bench" / "results"), help="where the .md/.json/.png go")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     g.add_argument("--threads", type=positive_int, default=1, help="OMP/MKL threads of each subprocess")
@@ -152,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.name = a.name or "paper_digits" + ("_pretrained" if a.pretrain_steps else "") + ("_quick" if a.quick else "")
+    a.out = a.out or str(ROOT / "runs" / a.name)
     a.taus, a.scale_list = a.tau, sorted(set(a.scales))
     a.frontier_seeds = min(a.frontier_seeds or a.seeds, a.seeds)
     if a.external not in (None, "make") and not Path(a.external).is_dir():
@@ -292,6 +304,22 @@ def materialise_limited(args, folder: Path, listing: Path):
                                 "class_names": ds.class_names, "counts": ds.class_counts, "files": files})
 
 
+def materialise_unlabelled(args, limited: Path, folder: Path, listing: Path):
+    """The pre-training set of --pretrain-steps: every image of the digits train split that is NOT in the limited set,
+    all in ONE class folder, folder/digit/<class>_<index>.png (the labels are dropped; the name keeps the row)."""
+    from checkpoint import atomic_write_json
+    from data import list_images, resolve_data
+    source, taken = resolve_data("digits"), {p.relative_to(limited).as_posix() for p in list_images(limited)}
+    (folder / "digit").mkdir(parents=True)
+    files = []
+    for path in list_images(source):
+        rel = path.relative_to(source)  # <class>/<index>.png
+        if rel.as_posix() not in taken:
+            shutil.copy2(path, folder / "digit" / f"{rel.parent.name}_{rel.name}")
+            files.append(rel.as_posix())
+    atomic_write_json(listing, {"source": str(source), "split": "train", "excluded": str(limited), "files": files})
+
+
 # ------------------------------------------------------------------------------------------ the plan
 def training_seeds(args) -> list[int]:
     return [args.seed + i for i in range(args.seeds)]
@@ -372,6 +400,20 @@ def build_phases(args) -> list[Phase]:
               str(args.vae_steps), "--vae-batch-size", str(batch), "--steps", "1", "--batch-size", str(batch),
               "--warmup-steps", "1", "--sample-every", "0", "--checkpoint-every", "0", "--grid-taus", "0",
               "--grid-steps", "1", "--diag-images", "1", "--output", str(out / "runs" / "vae")]))
+    vae, pre = out / "runs" / "vae" / "vae", out / "runs" / "pretrain"
+    # the models start from the tiny preset and the shared VAE, or (--pretrain-steps) from the pre-trained base
+    start = ["--model", str(pre / "final")] if args.pretrain_steps else ["--vae", str(vae)]
+    if args.pretrain_steps:
+        unlabelled = out / "unlabelled"
+        phases.append(Phase("pretrain_data", unlabelled, out / "unlabelled.json", deps=["data"],
+                            func=lambda: materialise_unlabelled(args, real, unlabelled, out / "unlabelled.json"),
+                            signature=json.dumps({"limited": str(real), "excluded": "the limited set"})))
+        phases.append(Phase(
+            "pretrain", pre, pre / "final" / "config.json", deps=["pretrain_data", "vae"], resumable=True,
+            argv=["train.py", *common, "--data", str(unlabelled), "--prompt", "a handwritten {class}", "--seed",
+                  str(args.seed), "--vae", str(vae), "--style-tokens", "0", "--steps", str(args.pretrain_steps),
+                  "--batch-size", str(args.batch_size), "--sample-every", "0", "--checkpoints-total-limit", "1",
+                  "--output", str(pre)]))
     if args.external == "make":
         phases.append(Phase("external", ext, ext / "manifest.json", argv=[
             "bench/external_digits.py", "--out", str(ext), "--per-class", str(args.external_per_class)]))
@@ -413,8 +455,9 @@ def build_phases(args) -> list[Phase]:
         for model, tokens in (("vanilla", 0), ("clue", args.style_tokens)):
             run = sd / "runs" / model
             phases.append(Phase(
-                f"train_{model}_s{s}", run, run / "final" / "config.json", deps=["data", "vae"], resumable=True,
-                argv=["train.py", *common, "--seed", str(s), "--vae", str(out / "runs" / "vae" / "vae"),
+                f"train_{model}_s{s}", run, run / "final" / "config.json", resumable=True,
+                deps=["data", "vae", *(["pretrain"] if args.pretrain_steps else [])],
+                argv=["train.py", *common, "--seed", str(s), *start,
                       "--style-tokens", str(tokens), "--steps", str(args.train_steps), "--batch-size", str(batch),
                       "--sample-every", "0", "--checkpoints-total-limit", "1",  # enough to resume (~100 MB each)
                       "--output", str(run), *shlex.split(args.train_args)]))

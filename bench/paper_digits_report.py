@@ -161,7 +161,9 @@ def markdown(args, plan: dict, res: dict, phases: dict, wall: float) -> str:
     head = ("| metric | " + " | ".join(a["label"] for a in arms) + " | "
             + " | ".join(f"{a['label']} − vanilla (paired)" for a in clue_arms) + " | paper: vanilla / CLUE |")
     lines = [f"## CLUE vs vanilla fine-tuning on digits, {args.limit_per_class} real images per class, {n} training "
-             f"seed(s)" + (" (--quick: smoke settings, not a result)" if args.quick else ""), "", head,
+             f"seed(s)" + (f", both fine-tuned from a vanilla base pre-trained {args.pretrain_steps} steps on the other "
+                          "train digits without labels" if args.pretrain_steps else "")
+             + (" (--quick: smoke settings, not a result)" if args.quick else ""), "", head,
              "|---|" + "---|" * (len(arms) + len(clue_arms) + 1)]
 
     def row(label, key, digits=3, paper=None):
@@ -217,14 +219,15 @@ def markdown(args, plan: dict, res: dict, phases: dict, wall: float) -> str:
               f"| this invocation (wall, --jobs {args.jobs}; {skipped} phases done earlier, skipped) | {wall:.1f} |",
               "",
               f"Settings: limit {args.limit_per_class}/class (data seed {args.data_seed}), {args.train_steps} steps "
-              f"(VAE {args.vae_steps}), batch {args.batch_size}, style tokens {args.style_tokens}, train args "
+              f"(VAE {args.vae_steps}{f', pre-training {args.pretrain_steps}' if args.pretrain_steps else ''}), "
+              f"batch {args.batch_size}, style tokens {args.style_tokens}, train args "
               f"{args.train_args!r}, tau {','.join(f'{t:g}' for t in args.taus)}, device {args.device}, "
               f"{args.threads} thread(s) per phase. Every command and phase time: the JSON beside this file."]
     return "\n".join(lines)
 
 
 def frontier_markdown(args, res: dict) -> list[str]:
-    stem = "paper_digits_quick" if args.quick else "paper_digits"
+    stem = args.name
     f1 = f"syn_test_{args.frontier_scale}"
     extra = [f"syn_external_{args.frontier_scale}"] if args.external else []
     lines = ["", f"### Diversity-fidelity frontier ({args.frontier_seeds} training seed(s), {args.frontier_steps} DDIM "
@@ -308,7 +311,7 @@ def write(args, plan: dict, phases: dict, wall: float) -> dict:
         print(f"--stop-after {args.stop_after}: nothing written to {args.results_dir}; work folder {args.out}",
               file=sys.stderr)
         return record
-    results, stem = Path(args.results_dir), "paper_digits_quick" if args.quick else "paper_digits"
+    results, stem = Path(args.results_dir), args.name
     results.mkdir(parents=True, exist_ok=True)
     if res["frontier"]:
         record["plots"] = plot_frontier(args, res, results, stem)

@@ -163,6 +163,29 @@ def test_frontier_points_that_are_main_sets_are_not_sampled_again(tmp_path):
     assert paper_digits.shared_points(args) == {}
 
 
+def test_pretrained_arm_fine_tunes_both_models_from_a_base_trained_without_the_limited_set(tmp_path):
+    """--pretrain-steps: a vanilla base trained on the train digits minus the limited set, in one unlabelled folder;
+    both models start from it (train.py --model BASE --preset tiny) instead of the tiny preset's random weights."""
+    from data import list_images, resolve_data
+    args = paper_digits.parse_args(["--out", str(tmp_path), "--pretrain-steps", "50", "--seeds", "1"])
+    assert args.name == "paper_digits_pretrained"
+    phases = {ph.name: ph for ph in paper_digits.build_phases(args)}
+    pre = phases["pretrain"].argv
+    assert pre[pre.index("--steps") + 1] == "50" and pre[pre.index("--style-tokens") + 1] == "0"
+    assert pre[len(pre) - pre[::-1].index("--data")] == str(tmp_path / "unlabelled")  # the last --data wins
+    for model in ("vanilla", "clue"):
+        argv = phases[f"train_{model}_s0"].argv
+        assert argv[argv.index("--model") + 1] == str(tmp_path / "runs" / "pretrain" / "final")
+        assert "--vae" not in argv and "--preset" in argv and "pretrain" in phases[f"train_{model}_s0"].deps
+    phases["data"].func()
+    phases["pretrain_data"].func()
+    limited = {p.name for p in list_images(tmp_path / "real_limited")}
+    unlabelled = [p.name.split("_") for p in list_images(tmp_path / "unlabelled")]
+    assert {p.parent.name for p in list_images(tmp_path / "unlabelled")} == {"digit"}
+    assert not limited & {index for _, index in unlabelled}
+    assert len(unlabelled) + len(limited) == len(list_images(resolve_data("digits")))
+
+
 def test_runner_reruns_what_changed(tmp_path):
     """In-process phases: skip when done; re-run on a changed command, a re-run dependency, or --force."""
     args = Namespace(out=str(tmp_path), force=False, threads=1, verbose=False)

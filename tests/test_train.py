@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 import train
 import training_state
 from checkpoint import load_clue
+from style_encoder import StyleConfig
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -237,6 +238,26 @@ def test_fine_tune_freezes_vae_and_text_encoder(data_dir, vae_dir, tmp_path):
     after = load_clue(tmp_path / "ft2" / "final").state_dict()
     moved_unet = [k for k in after if k.startswith("unet.") and not torch.equal(before[k], after[k])]
     assert moved_unet and all(is_style_param(k) for k in moved_unet)
+
+
+def test_fine_tune_of_a_tiny_base_uses_the_tiny_preset(data_dir, vae_dir, tmp_path, capsys):
+    """--model PATH --preset tiny (a base pre-trained by us): the tiny style encoder (4 heads, not SD's 8) and
+    objective (z0 = the VAE mean), the tiny defaults (lr 1e-3, text encoder trained); its weights start from the base."""
+    base = tmp_path / "base"
+    train.main(tiny_args(data_dir, base, vae_dir, "--steps", "1", "--style-tokens", "0"))
+    argv = tiny_args(data_dir, tmp_path / "ft", None, "--steps", "1", "--model", str(base / "final"))
+    del argv[argv.index("--unet-channels"):argv.index("--unet-channels") + 2]
+    args = train.parse_args(argv)
+    assert (args.lr, args.train_text_encoder, args.resolution) == (1e-3, True, 32)
+    train.main(argv)
+    ft, vanilla = load_clue(tmp_path / "ft" / "final"), load_clue(base / "final")
+    assert ft.style_encoder.cfg.heads == StyleConfig.tiny().heads != StyleConfig.sd().heads
+    assert ft.style_encoder.cfg.width == 32 and not ft.cfg.sample_latents
+    assert all(torch.equal(v, vanilla.vae.state_dict()[k]) for k, v in ft.vae.state_dict().items())
+    for extra, message in ((["--unet-channels", "32,32"], "--model brings its own"), (["--vae", str(vae_dir)], "--vae")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv + extra)
+        assert message in capsys.readouterr().err
 
 
 def test_text_encoder_trains_from_scratch_and_stays_frozen_when_fine_tuning(tmp_path):
