@@ -82,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-latent-cache", action="store_true", help="encode every step, not each image once (less RAM)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="SD weights to fine-tune (any format convert.py reads, or a Hugging Face repo id)")
-    g.add_argument("--preset", choices=("tiny",), help="train a tiny model from scratch instead; with --model: the base "
-                   "is a tiny model (the tiny style encoder, objective and defaults)")
+    g.add_argument("--preset", choices=("tiny",), help="train a tiny model from scratch instead; with --model: the "
+                   "base is a tiny model (the tiny style encoder, objective and defaults)")
     g.add_argument("--prediction-type", choices=PREDICTION_TYPES, help="single SD files, --preset tiny (v_prediction)")
     g.add_argument("--vae", help="tiny preset: reuse this trained VAE folder instead of phase 1")
     g.add_argument("--style-tokens", type=non_negative_int, default=4, help="K style tokens; 0 = vanilla baseline")

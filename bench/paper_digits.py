@@ -84,7 +84,8 @@ FULL = dict(limit_per_class=30, vae_steps=600, train_steps=1500, batch_size=32, 
             classify_steps=None, feature_steps=None, eval_seeds=3, seeds=3, external_per_class=100)
 QUICK = dict(limit_per_class=10, vae_steps=100, train_steps=100, batch_size=32, sample_steps=10, sample_batch=100,
              classify_steps=60, feature_steps=100, eval_seeds=1, seeds=1, external_per_class=10)
-ORDER = ["data", "vae", "external", "pretrain", "train", "sample", "features", "metrics", "classify"]  # --stop-after groups
+# the --stop-after groups, in order
+ORDER = ["data", "vae", "external", "pretrain", "train", "sample", "features", "metrics", "classify"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

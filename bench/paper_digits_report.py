@@ -161,8 +161,8 @@ def markdown(args, plan: dict, res: dict, phases: dict, wall: float) -> str:
     head = ("| metric | " + " | ".join(a["label"] for a in arms) + " | "
             + " | ".join(f"{a['label']} − vanilla (paired)" for a in clue_arms) + " | paper: vanilla / CLUE |")
     lines = [f"## CLUE vs vanilla fine-tuning on digits, {args.limit_per_class} real images per class, {n} training "
-             f"seed(s)" + (f", both fine-tuned from a vanilla base pre-trained {args.pretrain_steps} steps on the other "
-                          "train digits without labels" if args.pretrain_steps else "")
+             f"seed(s)" + (f", both fine-tuned from a vanilla base pre-trained {args.pretrain_steps} steps on the "
+                          "other train digits without labels" if args.pretrain_steps else "")
              + (" (--quick: smoke settings, not a result)" if args.quick else ""), "", head,
              "|---|" + "---|" * (len(arms) + len(clue_arms) + 1)]
 

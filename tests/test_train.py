@@ -242,7 +242,7 @@ def test_fine_tune_freezes_vae_and_text_encoder(data_dir, vae_dir, tmp_path):
 
 def test_fine_tune_of_a_tiny_base_uses_the_tiny_preset(data_dir, vae_dir, tmp_path, capsys):
     """--model PATH --preset tiny (a base pre-trained by us): the tiny style encoder (4 heads, not SD's 8) and
-    objective (z0 = the VAE mean), the tiny defaults (lr 1e-3, text encoder trained); its weights start from the base."""
+    objective (z0 = the VAE mean), the tiny defaults (lr 1e-3, text encoder trained); the base's frozen VAE."""
     base = tmp_path / "base"
     train.main(tiny_args(data_dir, base, vae_dir, "--steps", "1", "--style-tokens", "0"))
     argv = tiny_args(data_dir, tmp_path / "ft", None, "--steps", "1", "--model", str(base / "final"))
@@ -254,7 +254,7 @@ def test_fine_tune_of_a_tiny_base_uses_the_tiny_preset(data_dir, vae_dir, tmp_pa
     assert ft.style_encoder.cfg.heads == StyleConfig.tiny().heads != StyleConfig.sd().heads
     assert ft.style_encoder.cfg.width == 32 and not ft.cfg.sample_latents
     assert all(torch.equal(v, vanilla.vae.state_dict()[k]) for k, v in ft.vae.state_dict().items())
-    for extra, message in ((["--unet-channels", "32,32"], "--model brings its own"), (["--vae", str(vae_dir)], "--vae")):
+    for extra, message in ((["--unet-channels", "32,32"], "--model brings its own"), (["--vae", "v"], "--vae is for")):
         with pytest.raises(SystemExit):
             train.parse_args(argv + extra)
         assert message in capsys.readouterr().err
