@@ -51,8 +51,9 @@ def naming_errors(where):
 
 
 # ---- writing: atomic files, our format -------------------------------------------------------------------------------
-def _atomic_replace(path: Path, write) -> None:
-    """write(tmp) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder: a reader
+    sees the old file or the new one, never half of one (PNGs too: give their writer the format, tmp has no suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -76,7 +77,7 @@ def _atomic_replace(path: Path, write) -> None:
 
 def atomic_write_json(path, obj) -> None:
     text = json.dumps(obj, indent=2) + "\n"
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -87,7 +88,7 @@ def atomic_write_safetensors(path, tensors: dict, metadata: dict | None = None) 
         storage = t.untyped_storage().data_ptr() if t.numel() else None
         out[name] = t.clone() if storage in seen else t
         seen.add(storage)
-    _atomic_replace(Path(path), lambda tmp: save_file(out, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(out, tmp, metadata=metadata))
 
 
 def write_checkpoint(folder, kind: str, config: dict, tensors: dict, json_name: str = "config.json",

@@ -29,7 +29,7 @@ file composes the parts (vae.py, text_encoder.py, unet.py, style_encoder.py, sch
    the text). CADS condition noise on c (Sadat et al. 2024): condition_annealing.
 3. The per-class style posteriors and the diagnostics of the style latent (style_stats.py), kept with the model.
 
-Left out: img2img/inpainting, other samplers than DDIM, guidance rescale, LoRA. A CLUE without a style encoder
+Left out: img2img/inpainting, other samplers than DDIM, guidance rescale (LoRA: lora.py). A CLUE without a style encoder
 (`style=None`) is plain Stable Diffusion: that is how sample.py does text-to-image.
 """
 from __future__ import annotations

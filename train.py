@@ -8,15 +8,13 @@ feed a second cross-attention layer; the objective is `CLUE.loss` (clue.py). Thi
   both           fine-tune a tiny base of ours (e.g. pre-trained without labels) with the tiny preset's sizes.
 AdamW (Loshchilov & Hutter 2019), warm-up then cosine or constant LR, gradient clipping and accumulation, an EMA
 of the weights (for samples, diagnostics, the saved model), autocast on GPU; under torchrun DistributedDataParallel
-(rank 0 writes every file); `--resume` goes on bit-exactly on CPU; LoRA on --model. Left out: prior preservation,
-multi-node.
+(rank 0 writes every file); `--resume` goes on bit-exactly on CPU; LoRA on --model; no prior preservation.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from checkpoint import atomic_write_json, save_clue
+from checkpoint import atomic_write, atomic_write_json, save_clue
 from cli import (UsageError, comma_list, finite_float, non_negative_float, non_negative_int, positive_float,
                  positive_int, probability, run)
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice
@@ -56,8 +54,7 @@ EXAMPLES = """examples (the first is demo.sh: a tiny CLUE on scikit-learn's digi
   # vanilla fine-tuning baseline (the same run without the style branch)
   python train.py --data ears/ --model sd21-base/ --prompt "an otoscopic image of {class}" --mixed-precision bf16
   python train.py --data ears/ --model sd21-base/ --style-tokens 0 --output runs/ears_vanilla
-  # CLUE fine-tuned from a tiny vanilla model of ours (here the demo's), with the tiny preset's style encoder
-  python train.py --data digits --model runs/demo_vanilla/final --preset tiny --output runs/demo_ft
+  python train.py --data digits --model runs/vanilla/final --preset tiny --output runs/ft  # from a tiny base of ours
 """
 
 
@@ -298,9 +295,7 @@ def sample_grid(clue, prompts: list[str], names: list[str], args, path: Path, so
         draw.text((margin_left + 2 + j * cell, 2), label, fill="black")
     for r, name in enumerate(names):
         draw.text((4, margin_top + 2 + (r + 0.4) * (grid.height - 2) / rows), name, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(tmp := path.with_suffix(".tmp.png"))
-    os.replace(tmp, path)  # atomic: never half a PNG
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 @dataclass

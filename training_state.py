@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from checkpoint import (CheckpointError, as_clue, config_from_dict, load_mapped, read_checkpoint, save_clue,
-                        write_checkpoint)
+from checkpoint import (CheckpointError, as_clue, atomic_write, config_from_dict, load_mapped, read_checkpoint,
+                        save_clue, write_checkpoint)
 from cli import UsageError
 from clue import CLUE
 from convert import load_stable_diffusion
@@ -391,9 +391,8 @@ def plot_curves(output: Path):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(output / ".loss_curve.tmp.png", dpi=110)
+    atomic_write(output / "loss_curve.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(output / ".loss_curve.tmp.png", output / "loss_curve.png")  # atomic: never half a PNG
 
 
 def vae_loss(vae: VAE, x: torch.Tensor, kl_weight: float):
@@ -451,7 +450,7 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
             tmp, "vae", {"vae": asdict(vae.cfg), "scale_factor": vae.cfg.scale_factor, "train": info},
             {f"vae.{k}": v for k, v in vae.state_dict().items()}))
         pairs = torch.cat([images[::32][:16], recon[::32][:16]]).clamp(-1, 1) / 2 + 0.5
-        make_grid(pairs.cpu(), 16).save(output / "vae_recon.png")  # top: data, bottom: reconstructions
+        atomic_write(output / "vae_recon.png", lambda tmp: make_grid(pairs.cpu(), 16).save(tmp, format="PNG"))
         print(f"phase 1: VAE trained in {info['seconds']} s, held-in L1 {l1:.4f}, scale_factor "
               f"{vae.cfg.scale_factor:.4f} -> {output / 'vae'}")
     barrier()
