@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from cli import comma_list, non_negative_int, positive_int  # noqa: E402
 from lora import LoRALinear, add_lora, lora_trains  # noqa: E402
 from style_encoder import StyleConfig, StyleEncoder  # noqa: E402
 from text_encoder import TextConfig, TextEncoder  # noqa: E402
@@ -44,11 +45,11 @@ from vae import VAE, VAEConfig  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", default="4,16,64", help="LoRA ranks, comma-separated")
-    p.add_argument("--size", type=int, default=32, help="latent height = width")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds of the interleaved steps (0: no timing)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: the steadiest on a shared machine)")
+    p.add_argument("--ranks", type=comma_list(positive_int), default=[4, 16, 64], help="LoRA ranks, comma-separated")
+    p.add_argument("--size", type=positive_int, default=32, help="latent height = width")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--repeats", type=non_negative_int, default=2, help="timed rounds of interleaved steps (0: none)")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (1: the steadiest on a shared machine)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one mode's memory, in its own process
     return p.parse_args(argv)
@@ -137,14 +138,14 @@ def main(argv=None):
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
-    modes = ["full", *(f"lora{r}" for r in args.ranks.split(",")), "style"]
+    modes = ["full", *(f"lora{r}" for r in args.ranks), "style"]
     rows = {}
     for m in modes:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", m, "--size", str(args.size),
                               "--batch", str(args.batch), "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True).stdout
         rows[m] = {"parameters": count(m), "memory_bytes": json.loads(out.strip().splitlines()[-1])}
-    middle = f"lora{args.ranks.split(',')[len(args.ranks.split(',')) // 2]}"
+    middle = f"lora{args.ranks[len(args.ranks) // 2]}"
     times = timing(["full", middle, "style"], args) if args.repeats else {}  # three models held at once
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
@@ -169,7 +170,8 @@ def main(argv=None):
     full_mb = 4 * (sd21["full"]["total"] + frozen) / 1e6  # fp32: what model.safetensors holds, VAE and text encoder too
     print(f"saved model, fp32: full {full_mb:.0f} MB; a LoRA folder holds what trained: " + ", ".join(
         f"{m} {4 * n['trained'] / 1e6:.0f} MB" for m, n in sd21.items() if m.startswith("lora")) +
-        f"; vanilla LoRA (--style-tokens 0: adapters only) r=16 {4 * sd21['lora16']['adapters'] / 1e6:.0f} MB")
+        "; vanilla LoRA (--style-tokens 0: adapters only) " + ", ".join(
+        f"r={m[4:]} {4 * n['adapters'] / 1e6:.0f} MB" for m, n in sd21.items() if m.startswith("lora")))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "lora_memory.json")
     with open(path, "w") as f:
