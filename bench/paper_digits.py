@@ -74,8 +74,9 @@ EXAMPLES = """examples:
       --out runs/paper_digits_50
   # both models fine-tuned from a base pre-trained on the other train digits without labels: *_pretrained.*
   python bench/paper_digits.py --jobs 2 --external make --pretrain-steps 3000
-  # pass extra flags to every train.py run (the same for vanilla and CLUE)
+  # pass extra flags to every train.py run (the same for vanilla and CLUE), or to CLUE's only
   python bench/paper_digits.py --train-args "--kl-mode beta --beta 1e-3"
+  python bench/paper_digits.py --clue-args "--capacity 0.3" --name paper_digits_c03
   # continue an interrupted run: the same command again (finished phases are skipped); --force redoes all
 """
 
@@ -103,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train-steps", type=positive_int, help="U-Net (+ style encoder) steps (default 1500; quick 100)")
     g.add_argument("--batch-size", type=positive_int, help="training batch (default 32, capped at the real set size)")
     g.add_argument("--train-args", default="", help="extra train.py flags for every model (later flags win)")
+    g.add_argument("--clue-args", default="", help="extra train.py flags for the CLUE model only (an arm of its "
+                   "settings, e.g. --capacity 0.3: vanilla's phases stay the same and are not re-run)")
     g.add_argument("--pretrain-steps", type=non_negative_int, default=0,
                    help="> 0: both models are fine-tuned from a vanilla base trained this many steps on the digits "
                         "train split WITHOUT the limited set and without labels (see above; default 0: from scratch)")
@@ -461,7 +464,8 @@ def build_phases(args) -> list[Phase]:
                 argv=["train.py", *common, "--seed", str(s), *start,
                       "--style-tokens", str(tokens), "--steps", str(args.train_steps), "--batch-size", str(batch),
                       "--sample-every", "0", "--checkpoints-total-limit", "1",  # enough to resume (~100 MB each)
-                      "--output", str(run), *shlex.split(args.train_args)]))
+                      "--output", str(run), *shlex.split(args.train_args),
+                      *(shlex.split(args.clue_args) if model == "clue" else [])]))
         for arm in arms_of(args):
             tag, fake = f"{arm['name']}_s{s}", sd / "synthetic" / arm["name"]
             phases.append(sample(tag, sd / "runs" / arm["model"], fake, ["data", f"train_{arm['model']}_s{s}"],

@@ -221,7 +221,8 @@ def markdown(args, plan: dict, res: dict, phases: dict, wall: float) -> str:
               f"Settings: limit {args.limit_per_class}/class (data seed {args.data_seed}), {args.train_steps} steps "
               f"(VAE {args.vae_steps}{f', pre-training {args.pretrain_steps}' if args.pretrain_steps else ''}), "
               f"batch {args.batch_size}, style tokens {args.style_tokens}, train args "
-              f"{args.train_args!r}, tau {','.join(f'{t:g}' for t in args.taus)}, device {args.device}, "
+              f"{args.train_args!r}{f', CLUE args {args.clue_args!r}' if args.clue_args else ''}, "
+              f"tau {','.join(f'{t:g}' for t in args.taus)}, device {args.device}, "
               f"{args.threads} thread(s) per phase. Every command and phase time: the JSON beside this file."]
     return "\n".join(lines)
 

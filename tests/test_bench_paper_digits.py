@@ -186,6 +186,14 @@ def test_pretrained_arm_fine_tunes_both_models_from_a_base_trained_without_the_l
     assert len(unlabelled) + len(limited) == len(list_images(resolve_data("digits")))
 
 
+def test_clue_args_change_the_clue_runs_only(tmp_path):
+    """--clue-args: an arm of CLUE's settings; vanilla's commands (so its finished phases) stay as they were."""
+    plain, arm = ({ph.name: ph.key() for ph in paper_digits.build_phases(paper_digits.parse_args(
+        ["--out", str(tmp_path), "--seeds", "1", *extra]))} for extra in ([], ["--clue-args", "--capacity 0.3"]))
+    assert [n for n in plain if plain[n] != arm[n]] == ["train_clue_s0"] and arm["train_clue_s0"].endswith(
+        "--capacity 0.3")
+
+
 def test_runner_reruns_what_changed(tmp_path):
     """In-process phases: skip when done; re-run on a changed command, a re-run dependency, or --force."""
     args = Namespace(out=str(tmp_path), force=False, threads=1, verbose=False)
