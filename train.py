@@ -50,8 +50,7 @@ EXAMPLES = """examples (the first is demo.sh: a tiny CLUE on scikit-learn's digi
   python train.py --data digits --preset tiny --output runs/demo
   python train.py --data digits --preset tiny --output runs/demo --resume latest   # go on from the newest checkpoint
   torchrun --nproc_per_node 2 train.py --data digits --preset tiny --output runs/ddp  # 2 GPUs (or CPU processes)
-  # CLUE on your own class folders, fine-tuning Stable Diffusion 2.1-base (any format convert.py reads), and the
-  # vanilla fine-tuning baseline (the same run without the style branch)
+  # CLUE fine-tuning SD 2.1-base (any format convert.py reads) on your class folders; the vanilla baseline
   python train.py --data ears/ --model sd21-base/ --prompt "an otoscopic image of {class}" --mixed-precision bf16
   python train.py --data ears/ --model sd21-base/ --style-tokens 0 --output runs/ears_vanilla
   python train.py --data digits --model runs/vanilla/final --preset tiny --output runs/ft  # from a tiny base of ours
