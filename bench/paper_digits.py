@@ -73,7 +73,7 @@ EXAMPLES = """examples:
   python bench/paper_digits.py --limit-per-class 50 --tau 0.7,1.0 --posterior posterior --device cuda \\
       --out runs/paper_digits_50
   # both models fine-tuned from a base pre-trained on the other train digits without labels: *_pretrained.*
-  python bench/paper_digits.py --jobs 2 --external make --pretrain-steps 3000
+  python bench/paper_digits.py --jobs 2 --external make --pretrain-steps 2000
   # pass extra flags to every train.py run (the same for vanilla and CLUE), or to CLUE's only
   python bench/paper_digits.py --train-args "--kl-mode beta --beta 1e-3"
   python bench/paper_digits.py --clue-args "--capacity 0.3" --name paper_digits_c03
@@ -308,7 +308,7 @@ def materialise_limited(args, folder: Path, listing: Path):
                                 "class_names": ds.class_names, "counts": ds.class_counts, "files": files})
 
 
-def materialise_unlabelled(args, limited: Path, folder: Path, listing: Path):
+def materialise_unlabelled(limited: Path, folder: Path, listing: Path):
     """The pre-training set of --pretrain-steps: every image of the digits train split that is NOT in the limited set,
     all in ONE class folder, folder/digit/<class>_<index>.png (the labels are dropped; the name keeps the row)."""
     from checkpoint import atomic_write_json
@@ -395,8 +395,8 @@ def build_phases(args) -> list[Phase]:
     ext_flags, ext_dep = (["--external", str(ext)] if ext else []), (["external"] if args.external == "make" else [])
     phases = [Phase("data", real, listing, func=lambda: materialise_limited(args, real, listing),
                     signature=json.dumps({"limit_per_class": args.limit_per_class, "seed": args.data_seed}))]
-    common = ["--data", str(real), "--prompt", "a handwritten digit {class}", "--val-data", "digits:test",
-              "--preset", "tiny", *dev]
+    tiny = ["--val-data", "digits:test", "--preset", "tiny", *dev]  # every train.py run
+    common = ["--data", str(real), "--prompt", "a handwritten digit {class}", *tiny]  # those on the limited set
     phases.append(Phase(  # phase 1 of train.py only: the 1-step U-Net and its checkpoint (~100 MB) are deleted
         "vae", out / "runs" / "vae", out / "runs" / "vae" / "vae" / "config.json", deps=["data"],
         keep_only=["vae", "vae_log.jsonl", "vae_recon.png"],
@@ -410,11 +410,11 @@ def build_phases(args) -> list[Phase]:
     if args.pretrain_steps:
         unlabelled = out / "unlabelled"
         phases.append(Phase("pretrain_data", unlabelled, out / "unlabelled.json", deps=["data"],
-                            func=lambda: materialise_unlabelled(args, real, unlabelled, out / "unlabelled.json"),
+                            func=lambda: materialise_unlabelled(real, unlabelled, out / "unlabelled.json"),
                             signature=json.dumps({"limited": str(real), "excluded": "the limited set"})))
         phases.append(Phase(
             "pretrain", pre, pre / "final" / "config.json", deps=["pretrain_data", "vae"], resumable=True,
-            argv=["train.py", *common, "--data", str(unlabelled), "--prompt", "a handwritten {class}", "--seed",
+            argv=["train.py", "--data", str(unlabelled), "--prompt", "a handwritten {class}", *tiny, "--seed",
                   str(args.seed), "--vae", str(vae), "--style-tokens", "0", "--steps", str(args.pretrain_steps),
                   "--batch-size", str(args.batch_size), "--sample-every", "0", "--checkpoints-total-limit", "1",
                   "--output", str(pre)]))

@@ -172,7 +172,8 @@ def test_pretrained_arm_fine_tunes_both_models_from_a_base_trained_without_the_l
     phases = {ph.name: ph for ph in paper_digits.build_phases(args)}
     pre = phases["pretrain"].argv
     assert pre[pre.index("--steps") + 1] == "50" and pre[pre.index("--style-tokens") + 1] == "0"
-    assert pre[len(pre) - pre[::-1].index("--data")] == str(tmp_path / "unlabelled")  # the last --data wins
+    assert pre.count("--data") == 1 and pre[pre.index("--data") + 1] == str(tmp_path / "unlabelled")
+    assert pre[pre.index("--prompt") + 1] == "a handwritten {class}" and "--preset" in pre
     for model in ("vanilla", "clue"):
         argv = phases[f"train_{model}_s0"].argv
         assert argv[argv.index("--model") + 1] == str(tmp_path / "runs" / "pretrain" / "final")
