@@ -450,7 +450,8 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
             tmp, "vae", {"vae": asdict(vae.cfg), "scale_factor": vae.cfg.scale_factor, "train": info},
             {f"vae.{k}": v for k, v in vae.state_dict().items()}))
         pairs = torch.cat([images[::32][:16], recon[::32][:16]]).clamp(-1, 1) / 2 + 0.5
-        atomic_write(output / "vae_recon.png", lambda tmp: make_grid(pairs.cpu(), 16).save(tmp, format="PNG"))
+        grid = make_grid(pairs.cpu(), 16)  # top: data, bottom: reconstructions
+        atomic_write(output / "vae_recon.png", lambda tmp: grid.save(tmp, format="PNG"))
         print(f"phase 1: VAE trained in {info['seconds']} s, held-in L1 {l1:.4f}, scale_factor "
               f"{vae.cfg.scale_factor:.4f} -> {output / 'vae'}")
     barrier()

@@ -308,12 +308,13 @@ def materialise_limited(args, folder: Path, listing: Path):
                                 "class_names": ds.class_names, "counts": ds.class_counts, "files": files})
 
 
-def materialise_unlabelled(limited: Path, folder: Path, listing: Path):
-    """The pre-training set of --pretrain-steps: every image of the digits train split that is NOT in the limited set,
-    all in ONE class folder, folder/digit/<class>_<index>.png (the labels are dropped; the name keeps the row)."""
-    from checkpoint import atomic_write_json
+def materialise_unlabelled(limited_listing: Path, folder: Path, listing: Path):
+    """The pre-training set of --pretrain-steps: every image of the digits train split that is NOT in the limited set
+    (the files materialise_limited listed), all in ONE class folder, folder/digit/<class>_<index>.png (the labels are
+    dropped; the name keeps the row)."""
+    from checkpoint import atomic_write_json, read_json
     from data import list_images, resolve_data
-    source, taken = resolve_data("digits"), {p.relative_to(limited).as_posix() for p in list_images(limited)}
+    source, taken = resolve_data("digits"), set(read_json(limited_listing)["files"])
     (folder / "digit").mkdir(parents=True)
     files = []
     for path in list_images(source):
@@ -321,7 +322,8 @@ def materialise_unlabelled(limited: Path, folder: Path, listing: Path):
         if rel.as_posix() not in taken:
             shutil.copy2(path, folder / "digit" / f"{rel.parent.name}_{rel.name}")
             files.append(rel.as_posix())
-    atomic_write_json(listing, {"source": str(source), "split": "train", "excluded": str(limited), "files": files})
+    atomic_write_json(listing, {"source": str(source), "split": "train", "excluded": str(limited_listing),
+                                "files": files})
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -410,7 +412,7 @@ def build_phases(args) -> list[Phase]:
     if args.pretrain_steps:
         unlabelled = out / "unlabelled"
         phases.append(Phase("pretrain_data", unlabelled, out / "unlabelled.json", deps=["data"],
-                            func=lambda: materialise_unlabelled(real, unlabelled, out / "unlabelled.json"),
+                            func=lambda: materialise_unlabelled(listing, unlabelled, out / "unlabelled.json"),
                             signature=json.dumps({"limited": str(real), "excluded": "the limited set"})))
         phases.append(Phase(
             "pretrain", pre, pre / "final" / "config.json", deps=["pretrain_data", "vae"], resumable=True,
