@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -65,6 +66,16 @@ def torch_device(text: str) -> str:
     if have.get(device.type, 1) <= (device.index or 0):
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {have.get(device.type, 0)} {device.type} "
                                          "device(s); use --device cpu")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder to write, created if new: refused at once (not after a long run) when it, or a folder above it, is a
+    file."""
+    path = Path(text)
+    if blocked := next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None):
+        raise argparse.ArgumentTypeError(f"{text!r}: {blocked} exists and is not a folder; give a new or an existing "
+                                         "folder")
     return text
 
 

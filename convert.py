@@ -436,7 +436,8 @@ def main(argv=None) -> None:
                "          python convert.py ./stable-diffusion-v1-5 runs/sd15",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a diffusers folder (unet/, vae/, text_encoder/, scheduler/), a single file or ours")
-    p.add_argument("out_dir", help="folder to write (created; existing files are replaced atomically)")
+    p.add_argument("out_dir", type=cli.output_folder,
+                   help="folder to write (created; existing files are replaced atomically)")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="override the prediction type; single files cannot store it: the default is epsilon for "
                         "SD 1.x and v_prediction for SD 2.x (use epsilon for the 512 px 2.x-base files)")
@@ -445,8 +446,6 @@ def main(argv=None) -> None:
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
     a = p.parse_args(argv)
     out, dtype = Path(a.out_dir), torch.float16 if a.half else None
-    if out.exists() and not out.is_dir():  # checked before the (long) read
-        raise cli.UsageError(f"{out}: exists and is not a folder; OUT_DIR must be a new or an existing folder")
     sd = load_stable_diffusion(a.src, prediction_type=a.prediction_type, use_ema=not a.no_ema)
     if "clue" in sd.extra_config:  # a CLUE checkpoint: rebuilt and checked as one, so that what is written loads
         save_clue(as_clue(sd, a.src), out, sd.extra_config.get("train"), dtype)

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 import classifier as clf
 from checkpoint import CheckpointError, atomic_write_json, read_checkpoint, write_checkpoint
-from cli import UsageError, comma_list, non_negative_int, positive_float, positive_int, run, torch_device
+from cli import (UsageError, comma_list, non_negative_int, output_folder, positive_float, positive_int, run,
+                 torch_device)
 from data import DIGITS_ARGS, IMAGE_EXTENSIONS, DataError, cache_root, list_images, load_image, resolve_data, to_rgb
 from inception import FID_WEIGHTS_NAME, load_fid_inception
 
@@ -412,7 +413,7 @@ def build_parser():
     m.add_argument("--batch-size", type=positive_int, default=50, help="images per feature-extraction batch")
     m.add_argument("--cache-dir", help="feature cache (default: $CLUE_CACHE or ~/.cache/clue, /eval_features)")
     m.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
-    m.add_argument("--out", help="folder for metrics.json (default: the --fake folder)")
+    m.add_argument("--out", type=output_folder, help="folder for metrics.json (default: the --fake folder)")
     common(m, classifier=False)
 
     c = command("classify", cmd_classify, "F1 of the same classifier trained on real / synthetic / both")
@@ -425,13 +426,14 @@ def build_parser():
     c.add_argument("--combined", action="store_true", help="also train on real + an equal amount (100 %%) of synthetic")
     c.add_argument("--no-real", action="store_true", help="skip the real-only arm (a sweep trains it once elsewhere)")
     c.add_argument("--seeds", type=positive_int, default=3, help="training runs per arm (mean and std reported)")
-    c.add_argument("--out", default="runs/classify", help="folder for classify.json, classify_f1.png, classifier_real/")
+    c.add_argument("--out", type=output_folder, default="runs/classify",
+                   help="folder for classify.json, classify_f1.png, classifier_real/")
     common(c)
 
     t = command("train-classifier", cmd_train_classifier, "train one classifier on real data (a feature net)")
     t.add_argument("--train", required=True, help="real training images, DIR/<class>/... (or 'digits')")
     t.add_argument("--test", help="real test images: report macro F1 and store it with the classifier")
-    t.add_argument("--out", required=True, help="classifier folder to write")
+    t.add_argument("--out", type=output_folder, required=True, help="classifier folder to write")
     common(t)
     return p
 

@@ -36,8 +36,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from checkpoint import as_clue, atomic_write_json
-from cli import (UsageError, finite_float, non_negative_float, non_negative_int, positive_float, positive_int,
-                 probability, run, torch_device)
+from cli import (UsageError, finite_float, non_negative_float, non_negative_int, output_folder, positive_float,
+                 positive_int, probability, run, torch_device)
 from clue import CLUE, Sampling, StyleChoice, slerp
 from convert import load_stable_diffusion
 from data import (ClassFolderDataset, DataError, decode_problem, default_prompt_template, load_image, make_grid,
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a CLUE checkpoint folder, or SD weights convert.py reads")
-    p.add_argument("--out", default="samples", help="output folder (created; default: samples)")
+    p.add_argument("--out", type=output_folder, default="samples", help="output folder (created; default: samples)")
     g = p.add_argument_group("text and sampler")
     g.add_argument("--prompt", action="append", help="prompt; repeat the flag for several prompts")
     g.add_argument("--negative-prompt", default="", help="prompt of the unconditional half of the guidance batch")

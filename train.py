@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from checkpoint import atomic_write, atomic_write_json, save_clue
-from cli import (UsageError, comma_list, finite_float, non_negative_float, non_negative_int, positive_float,
-                 positive_int, probability, run)
+from cli import (UsageError, comma_list, finite_float, non_negative_float, non_negative_int, output_folder,
+                 positive_float, positive_int, probability, run)
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice
 from convert import load_stable_diffusion
 from data import ClassFolderDataset, DataError, default_prompt_template, make_grid, resolve_data
@@ -124,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--vae-batch-size", type=positive_int, default=32)
     g.add_argument("--vae-kl-weight", type=non_negative_float, default=1e-4, help="KL weight (per latent element)")
     g = p.add_argument_group("outputs")
-    g.add_argument("--output", default="runs/clue", help="run folder (default runs/clue)")
+    g.add_argument("--output", type=output_folder, default="runs/clue", help="run folder (default runs/clue)")
     g.add_argument("--log-every", type=positive_int, default=10, help="log line every N steps")
     g.add_argument("--sample-every", type=non_negative_int, default=500, help="sample grid every N steps (0: end only)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=500, help="checkpoint every N steps (0: end)")

@@ -184,11 +184,24 @@ def test_out_dir_that_is_a_file(clue_dir, tmp_path):
                        capture_output=True, text=True)
     print(r.stderr)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"convert.py: error: {tmp_path / 'taken'}: exists and is not a folder; OUT_DIR must " \
-                               "be a new or an existing folder"
+    assert r.stderr.strip().endswith(f"convert.py: error: argument out_dir: '{tmp_path / 'taken'}': "
+                                     f"{tmp_path / 'taken'} exists and is not a folder; give a new or an existing folder")
     r = subprocess.run([sys.executable, "convert.py", str(tmp_path / "nowhere"), str(tmp_path / "o"),
                         "--prediction-type", "x"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--prediction-type: invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["train.py", "--data", "digits", "--output"], ["sample.py", "--model", "m", "--out"],
+                                  ["eval.py", "train-classifier", "--train", "digits", "--out"]])
+def test_every_program_refuses_an_output_folder_inside_a_file(tmp_path, argv):
+    """Checked when the flags are parsed, before any data or weights are read: one line naming the flag and the file."""
+    (tmp_path / "taken").write_text("x")
+    r = subprocess.run([sys.executable, *argv, str(tmp_path / "taken" / "run")], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].endswith(f"{tmp_path / 'taken'} exists and is not a folder; give a new or an "
+                                              "existing folder"), r.stderr
+    assert argv[-1] in r.stderr.splitlines()[-1] and (tmp_path / "taken").read_text() == "x"
 
 
 # ------------------------------------------------------------------------------ read_checkpoint: what resume relies on
