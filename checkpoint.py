@@ -465,3 +465,15 @@ def load_clue(path, device="cpu") -> CLUE:
     if not (Path(path) / "config.json").is_file():
         raise CheckpointError(f"{path}: {_NOT_CLUE}")
     return as_clue(load_sd_folder(path), path).to(device).eval()
+
+
+def load_vae(path) -> VAE:
+    """The VAE of any folder of ours: the tiny VAE phase's vae/ (kind "vae"), a CLUE checkpoint, a converted SD."""
+    config, tensors = read_checkpoint(path)
+    if not isinstance(config.get("vae"), dict):
+        raise CheckpointError(f"{path}: holds no VAE (no 'vae' section in config.json); give the vae/ folder of a "
+                              "tiny run, a CLUE checkpoint or a converted SD folder")
+    vae = VAE(config_from_dict(VAEConfig, config["vae"], f"{path} [vae]"))
+    load_mapped(vae, [(k, k[4:], v) for k, v in tensors.items() if k.startswith("vae.")], [], "VAE (vae.*)", path)
+    vae.cfg.scale_factor = float(config.get("scale_factor", vae.cfg.scale_factor))
+    return vae

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from checkpoint import atomic_write, atomic_write_json, save_clue
+from checkpoint import atomic_write, atomic_write_json, load_vae, save_clue
 from cli import (UsageError, comma_list, finite_float, non_negative_float, non_negative_int, output_folder,
                  positive_float, positive_int, probability, run)
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice
@@ -41,7 +41,7 @@ from schedulers import PREDICTION_TYPES
 from style_encoder import StyleConfig
 from text_encoder import TextConfig
 from training_state import (EMA, BatchStream, Objective, TrainingDiverged, TrainingState, append_jsonl, barrier,
-                            cache_latents, check_health, find_checkpoint, load_vae, lr_factor, mean_logs,
+                            cache_latents, check_health, find_checkpoint, lr_factor, mean_logs,
                             param_checksum, plot_curves, read_jsonl, restore, rng_preserved, save_checkpoint,
                             seed_everything, setup_distributed, train_vae, write_folder_atomically)
 from unet import UNetConfig, is_style_param

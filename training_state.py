@@ -30,8 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from checkpoint import (CheckpointError, as_clue, atomic_write, config_from_dict, load_mapped, read_checkpoint,
-                        save_clue, write_checkpoint)
+from checkpoint import CheckpointError, as_clue, atomic_write, read_checkpoint, save_clue, write_checkpoint
 from cli import UsageError
 from clue import CLUE
 from convert import load_stable_diffusion
@@ -457,13 +456,3 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
     barrier()
     return vae
 
-
-def load_vae(path) -> VAE:
-    """--vae: the VAE of any folder of ours (phase 1's vae/, a CLUE checkpoint, a converted SD folder)."""
-    config, tensors = read_checkpoint(path)
-    if not isinstance(config.get("vae"), dict):
-        raise CheckpointError(f"--vae {path}: holds no VAE (no 'vae' section); give the vae/ folder of a tiny run")
-    vae = VAE(config_from_dict(VAEConfig, config["vae"], f"--vae {path}"))
-    load_mapped(vae, [(k, k[4:], v) for k, v in tensors.items() if k.startswith("vae.")], [], "VAE (vae.*)", path)
-    vae.cfg.scale_factor = float(config.get("scale_factor", vae.cfg.scale_factor))
-    return vae

@@ -13,8 +13,8 @@ import torch
 
 import cli
 import convert
-from checkpoint import (CheckpointError, config_from_dict, load_clue, read_checkpoint, read_state_dict, save_clue,
-                        write_checkpoint)
+from checkpoint import (CheckpointError, config_from_dict, load_clue, load_vae, read_checkpoint, read_state_dict,
+                        save_clue, write_checkpoint)
 from clue import CLUEConfig
 from convert import load_stable_diffusion
 from test_clue import small_clue
@@ -184,8 +184,9 @@ def test_out_dir_that_is_a_file(clue_dir, tmp_path):
                        capture_output=True, text=True)
     print(r.stderr)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().endswith(f"convert.py: error: argument out_dir: '{tmp_path / 'taken'}': "
-                                     f"{tmp_path / 'taken'} exists and is not a folder; give a new or an existing folder")
+    taken = tmp_path / "taken"
+    assert r.stderr.strip().endswith(f"convert.py: error: argument out_dir: '{taken}': {taken} exists and is not a "
+                                     "folder; give a new or an existing folder")
     r = subprocess.run([sys.executable, "convert.py", str(tmp_path / "nowhere"), str(tmp_path / "o"),
                         "--prediction-type", "x"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--prediction-type: invalid choice" in r.stderr and "Traceback" not in r.stderr
@@ -225,6 +226,16 @@ def test_read_checkpoint_names_the_broken_file(tmp_path, damage):
                        match=rf"^{re.escape(str(bad))}: ") as e:
         read_checkpoint(tmp_path, "training_state", **STATE)
     print(e.value)
+
+
+def test_load_vae_reads_any_folder_of_ours_with_a_vae(clue_dir, tmp_path):
+    """train.py --vae: the VAE of a CLUE checkpoint loads with its weights; a folder of ours without one is refused."""
+    vae, model = load_vae(clue_dir), load_clue(clue_dir)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), model.vae.state_dict().values()))
+    assert vae.cfg.scale_factor == model.cfg.scale_factor
+    write_checkpoint(tmp_path, "classifier", {"classes": ["a"]}, {"head.weight": torch.zeros(1, 2)})
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: holds no VAE (no 'vae' section")):
+        load_vae(tmp_path)
 
 
 def test_read_checkpoint_takes_the_first_training_state_files(tmp_path):
