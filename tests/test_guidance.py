@@ -75,8 +75,9 @@ def test_style_guidance_is_the_composed_formula(model, w, w_s):
     got = model.generate(PROMPTS, Sampling(steps=4, guidance=w, style_guidance=w_s), StyleChoice(s),
                          latents=start(model), output="latent", progress=False)
     err = (got - ref).abs().max().item()
-    print(f"w={w:g}, w_s={w_s:g}: generate vs separate U-Net calls, max |diff| {err:.2e}")
-    assert err < 1e-5
+    tol = 1e-5 * max(1.0, ref.abs().max().item())  # float32 rounding, relative to the latents' scale (w = 3 widens it)
+    print(f"w={w:g}, w_s={w_s:g}: generate vs separate U-Net calls, max |diff| {err:.2e} (tolerance {tol:.2e})")
+    assert err < tol
 
 
 def test_style_guidance_one_is_the_two_part_form_bit_for_bit(model):
