@@ -467,6 +467,12 @@ def load_clue(path, device="cpu") -> CLUE:
     return as_clue(load_sd_folder(path), path).to(device).eval()
 
 
+def save_vae(vae: VAE, folder, info: dict) -> None:
+    """The tiny VAE phase's folder (kind "vae"): its config, scale factor and `info` (steps, seconds, L1), vae.*."""
+    write_checkpoint(folder, "vae", {"vae": asdict(vae.cfg), "scale_factor": vae.cfg.scale_factor, "train": info},
+                     {f"vae.{k}": v for k, v in vae.state_dict().items()})
+
+
 def load_vae(path) -> VAE:
     """The VAE of any folder of ours: the tiny VAE phase's vae/ (kind "vae"), a CLUE checkpoint, a converted SD."""
     config, tensors = read_checkpoint(path)

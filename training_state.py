@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, as_clue, atomic_write, read_checkpoint, save_clue, write_checkpoint
+from checkpoint import CheckpointError, as_clue, atomic_write, read_checkpoint, save_clue, save_vae, write_checkpoint
 from cli import UsageError
 from clue import CLUE
 from convert import load_stable_diffusion
@@ -445,9 +445,7 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
         raise TrainingDiverged(f"VAE: latents or reconstructions NaN/inf after {args.vae_steps} steps; lower --vae-lr")
     if rank == 0:
         info = {"steps": args.vae_steps, "seconds": round(time.time() - t0, 1), "recon_l1": l1}
-        write_folder_atomically(output / "vae", lambda tmp: write_checkpoint(
-            tmp, "vae", {"vae": asdict(vae.cfg), "scale_factor": vae.cfg.scale_factor, "train": info},
-            {f"vae.{k}": v for k, v in vae.state_dict().items()}))
+        write_folder_atomically(output / "vae", lambda tmp: save_vae(vae, tmp, info))
         pairs = torch.cat([images[::32][:16], recon[::32][:16]]).clamp(-1, 1) / 2 + 0.5
         grid = make_grid(pairs.cpu(), 16)  # top: data, bottom: reconstructions
         atomic_write(output / "vae_recon.png", lambda tmp: grid.save(tmp, format="PNG"))
@@ -455,4 +453,3 @@ def train_vae(args, dataset, rank, world, device, output: Path) -> VAE:
               f"{vae.cfg.scale_factor:.4f} -> {output / 'vae'}")
     barrier()
     return vae
-
