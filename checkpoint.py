@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import typing
 from dataclasses import MISSING, asdict
@@ -89,6 +90,18 @@ def atomic_write_safetensors(path, tensors: dict, metadata: dict | None = None) 
         out[name] = t.clone() if storage in seen else t
         seen.add(storage)
     atomic_write(Path(path), lambda tmp: save_file(out, tmp, metadata=metadata))
+
+
+def write_folder_atomically(final: Path, fill) -> None:
+    """fill(tmp) writes a whole folder under a temporary name; it is then renamed to `final` (atomic)."""
+    tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".old-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_checkpoint(folder, kind: str, config: dict, tensors: dict, json_name: str = "config.json",

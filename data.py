@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 log = logging.getLogger("data")
@@ -228,8 +228,10 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(a.permute(1, 2, 0).numpy())
 
 
-def make_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
-    """(N,3,H,W) in [0,1] -> one image, ncol per row, white padding."""
+def make_grid(images: torch.Tensor, ncol: int, pad: int = 2, zoom: int = 1, row_labels: list[str] | None = None,
+              col_labels: list[str] | None = None) -> Image.Image:
+    """(N,3,H,W) in [0,1] -> one image, ncol per row, white padding; `zoom` enlarges it (nearest: no smoothing),
+    labels go left of the rows and above the columns."""
     n, _, h, w = images.shape
     nrow = math.ceil(n / ncol)
     canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
@@ -237,7 +239,19 @@ def make_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
         r, c = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         canvas[y:y + h, x:x + w] = np.asarray(to_pil(images[i]))
-    return Image.fromarray(canvas)
+    grid = Image.fromarray(canvas)
+    grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST) if zoom > 1 else grid
+    if not (row_labels or col_labels):
+        return grid
+    left, top = 8 + 7 * max(map(len, row_labels)) if row_labels else 0, 16 if col_labels else 0
+    labelled = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    labelled.paste(grid, (left, top))
+    draw = ImageDraw.Draw(labelled)
+    for j, label in enumerate(col_labels or ()):
+        draw.text((left + 2 + j * (grid.width - 2) / ncol, 2), label, fill="black")
+    for r, label in enumerate(row_labels or ()):
+        draw.text((4, top + 2 + (r + 0.4) * (grid.height - 2) / nrow), label, fill="black")
+    return labelled
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

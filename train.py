@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from checkpoint import atomic_write, atomic_write_json, load_vae, save_clue
+from checkpoint import atomic_write, atomic_write_json, load_vae, save_clue, write_folder_atomically
 from cli import (UsageError, comma_list, finite_float, non_negative_float, non_negative_int, output_folder,
                  positive_float, positive_int, probability, run)
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice
@@ -41,9 +40,9 @@ from schedulers import PREDICTION_TYPES
 from style_encoder import StyleConfig
 from text_encoder import TextConfig
 from training_state import (EMA, BatchStream, Objective, TrainingDiverged, TrainingState, append_jsonl, barrier,
-                            cache_latents, check_health, find_checkpoint, lr_factor, mean_logs,
-                            param_checksum, plot_curves, read_jsonl, restore, rng_preserved, save_checkpoint,
-                            seed_everything, setup_distributed, train_vae, write_folder_atomically)
+                            cache_latents, check_health, find_checkpoint, lr_factor, mean_logs, plot_curves,
+                            read_jsonl, restore, rng_preserved, save_checkpoint, seed_everything, setup_distributed,
+                            train_vae, write_param_checksums)
 from unet import UNetConfig, is_style_param
 
 EXAMPLES = """examples (the first is demo.sh: a tiny CLUE on scikit-learn's digits, from scratch, on a CPU):
@@ -282,19 +281,11 @@ def sample_grid(clue, prompts: list[str], names: list[str], args, path: Path, so
             style = StyleChoice(clue.make_style(StyleChoice(source, classes=classes), rows * cols, generator=gen))
     images = clue.generate([p for p in prompts for _ in range(cols)], Sampling(args.grid_steps, args.guidance),
                            style, latents=latents, progress=False)
-    grid = make_grid(images.float().cpu(), cols)
-    zoom = max(1, 96 // args.resolution)  # 32 px digits are shown 3x larger (nearest: no smoothing)
-    grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
-    margin_left, margin_top = 8 + 7 * max(len(n) for n in names), 16  # labels: class names, temperatures
-    canvas = Image.new("RGB", (grid.width + margin_left, grid.height + margin_top), "white")
-    canvas.paste(grid, (margin_left, margin_top))
-    draw, cell = ImageDraw.Draw(canvas), (grid.width - 2) / cols
-    for j, tau in enumerate(args.grid_taus):
-        label = f"seed {j}" if clue.style_encoder is None else f"tau {tau:g}" if source == "prior" else f"image {j}"
-        draw.text((margin_left + 2 + j * cell, 2), label, fill="black")
-    for r, name in enumerate(names):
-        draw.text((4, margin_top + 2 + (r + 0.4) * (grid.height - 2) / rows), name, fill="black")
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    labels = [f"seed {j}" if clue.style_encoder is None else f"tau {tau:g}" if source == "prior" else f"image {j}"
+              for j, tau in enumerate(args.grid_taus)]
+    grid = make_grid(images.float().cpu(), cols, zoom=max(1, 96 // args.resolution), row_labels=names,
+                     col_labels=labels)  # 32 px digits are shown 3x larger
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 @dataclass
@@ -338,9 +329,38 @@ class SideWork:
             with s.ema_applied():
                 write_folder_atomically(output / "final",  # a LoRA run: a small folder, adapters on --model
                                         lambda tmp: save_clue(s.clue, tmp, extra=self.info, base=self.args.model))
-        if self.args.dump_param_checksum:  # every rank: replicas must hold the same weights
-            sums = {"params": param_checksum(s.trainable), "ema": param_checksum(s.ema.shadow) if s.ema else None}
-            (output / f"param_checksum.rank{s.rank}.json").write_text(json.dumps(sums))
+        if self.args.dump_param_checksum:
+            write_param_checksums(s, output)
+
+
+def run_steps(net, state: TrainingState, args, step: int, side_work: SideWork) -> int:
+    """Optimizer steps from `step` to --steps -> the last step. Losses, gradient norms and weights are checked finite
+    (one device sync) before anything is logged, sampled or saved; the side work runs at --sample-every and
+    --checkpoint-every steps."""
+    output, log_file, rank = Path(args.output), Path(args.output) / "log.jsonl", state.rank
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    autocast = torch.autocast(state.device.type, dtype=dtype) if dtype else nullcontext()
+    net.train()
+    t_loop, window = time.time(), []
+    bar = tqdm(total=args.steps, initial=step, desc="phase 2: CLUE", disable=rank != 0)
+    while step < args.steps:
+        window.append(optimizer_step(net, state, args, step, autocast))
+        step += 1
+        bar.update(1)
+        log = step % args.log_every == 0 or step == args.steps
+        checkpoint = step < args.steps and args.checkpoint_every > 0 and step % args.checkpoint_every == 0
+        sample = step < args.steps and args.sample_every > 0 and step % args.sample_every == 0
+        if log or checkpoint or sample:
+            check_health(state, window, step, output)
+        if log:  # the step's tensors are read back here only
+            logs, window = {k: float(v) for k, v in mean_logs(window).items()}, []
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.3f}")
+            if rank == 0:
+                append_jsonl(log_file, {"step": step, **logs, "seconds": round(time.time() - t_loop, 2)})
+        if checkpoint or sample:
+            side_work(step, checkpoint, output / "samples" / f"step_{step:06d}.png" if sample else None)
+    bar.close()
+    return step
 
 
 # ------------------------------------------------------------------------------------ main
@@ -386,29 +406,9 @@ def train(args, rank, world, device) -> dict:
     side_work = SideWork(state, args, dataset, val_loader, {
         "prompt_template": template, "class_names": dataset.class_names, "data": str(args.data),
         "limit_per_class": args.limit_per_class, "resolution": args.resolution, "args": vars(args)})
-    # 5. the loop; losses, gradient norms and weights are checked finite before anything is logged, sampled or saved
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    net.train()
-    t_loop, window, start_step = time.time(), [], step
-    bar = tqdm(total=args.steps, initial=step, desc="phase 2: CLUE", disable=rank != 0)
-    while step < args.steps:
-        window.append(optimizer_step(net, state, args, step, autocast))
-        step += 1
-        bar.update(1)
-        log = step % args.log_every == 0 or step == args.steps
-        checkpoint = step < args.steps and args.checkpoint_every > 0 and step % args.checkpoint_every == 0
-        sample = step < args.steps and args.sample_every > 0 and step % args.sample_every == 0
-        if log or checkpoint or sample:
-            check_health(state, window, step, output)
-        if log:  # the step's tensors are read back here only
-            logs, window = {k: float(v) for k, v in mean_logs(window).items()}, []
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.3f}")
-            if rank == 0:
-                append_jsonl(log_file, {"step": step, **logs, "seconds": round(time.time() - t_loop, 2)})
-        if checkpoint or sample:
-            side_work(step, checkpoint, output / "samples" / f"step_{step:06d}.png" if sample else None)
-    bar.close()
+    # 5. the loop up to --steps
+    t_loop = time.time()
+    start_step, step = step, run_steps(net, state, args, step, side_work)
     t_train, t0 = time.time() - t_loop, time.time()
     # 6. the end: aggregated posterior, diagnostics, the grids, the last checkpoint, the final model, a summary
     side_work.finish(step)

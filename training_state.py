@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, as_clue, atomic_write, read_checkpoint, save_clue, save_vae, write_checkpoint
+from checkpoint import (CheckpointError, as_clue, atomic_write, read_checkpoint, save_clue, save_vae, write_checkpoint,
+                        write_folder_atomically)
 from cli import UsageError
 from clue import CLUE
 from convert import load_stable_diffusion
@@ -235,18 +236,6 @@ def diverged(step: int, what: str, output: Path) -> TrainingDiverged:
                             "--max-grad-norm 1, fp32/bf16 instead of fp16, or check the data.")
 
 
-def write_folder_atomically(final: Path, fill) -> None:
-    """fill(tmp) writes a whole folder under a temporary name; it is then renamed to `final` (atomic)."""
-    tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".old-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def list_checkpoints(output: Path) -> list[Path]:
     """The step_NNNNNN folders of a run, oldest first (one being written has a hidden temporary name)."""
     return sorted((d for d in (output / "checkpoints").glob("step_*") if d.name[5:].isdigit()),
@@ -348,6 +337,12 @@ def restore(state: TrainingState, ckpt: Path, meta: dict, tensors: dict, args) -
 def param_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(b"".join(n.encode() + tensors[n].detach().cpu().contiguous().numpy().tobytes()
                                    for n in sorted(tensors))).hexdigest()
+
+
+def write_param_checksums(state: TrainingState, output: Path) -> None:
+    """--dump-param-checksum (tests): every rank writes the hash of its weights and EMA; replicas must agree."""
+    sums = {"params": param_checksum(state.trainable), "ema": param_checksum(state.ema.shadow) if state.ema else None}
+    (output / f"param_checksum.rank{state.rank}.json").write_text(json.dumps(sums))
 
 
 def append_jsonl(path: Path, record: dict):
