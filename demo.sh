@@ -11,8 +11,8 @@
 # The capacity C = 0.1 nats per style dimension (gamma 0.2) sets how much the style may say about an image (a KL
 # of ~0 would mean the style is ignored); the MMD term (lambda 0.1) keeps all training styles together shaped like
 # the prior N(0, I), so that prior draws at tau 1 span the styles of the data (without it the tiny model put its
-# style in ~3 directions 10x wider than the prior, and tau 1 showed little). About 9 minutes on 2 idle CPU cores
-# (16 on a slower pair).
+# style in ~3 directions 10x wider than the prior, and tau 1 showed little). About 14 minutes on 2 idle CPU cores
+# (829 s measured; 9 on a faster pair).
 # It leaves in runs/demo/:
 #   samples.png            rows: digits 0-9; columns: styles drawn from the prior N(0, tau^2 I) at temperatures
 #                          0 (the mean style), 1 (five draws), 2, 3; the same initial noise in every cell, so only
@@ -34,6 +34,6 @@ python train.py --data digits --preset tiny --output "$OUT" \
     --vae-steps 400 --vae-batch-size 32 \
     --steps 2000 --batch-size 32 --lr 1e-3 --warmup-steps 100 --prediction-type v_prediction \
     --kl-mode capacity --capacity 0.1 --gamma 0.2 --mmd-weight 0.1 \
-    --sample-every 500 --checkpoint-every 500 --grid-taus 0,1,1,1,1,1,2,3 \
+    --sample-every 1000 --checkpoint-every 1000 --grid-taus 0,1,1,1,1,1,2,3 \
     "$@"
 echo "demo finished in $(( $(date +%s) - start )) s: see $OUT/samples.png, $OUT/samples_posterior.png, $OUT/loss_curve.png, $OUT/final/"
