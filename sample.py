@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -225,10 +225,93 @@ def endpoint_style(model, spec, prompt, tau, height, width) -> torch.Tensor:
     return model.make_style(StyleChoice("prior", tau=tau), 1, generator=torch.Generator().manual_seed(int(spec)))
 
 
+@dataclass
+class Drawer:
+    """What every mode needs: the model (kind "clue" or "sd"), the --style flags, the DDIM settings, the autocast."""
+    model: CLUE
+    kind: str
+    args: argparse.Namespace
+    sampling: Sampling
+    autocast: object
+
+    def generate(self, prompts, style, seed=None, latents=None, progress=False) -> torch.Tensor:
+        with self.autocast:
+            return self.model.generate(prompts, self.sampling, style, seed=seed, latents=latents,
+                                       progress=progress).float().cpu()
+
+    def style(self, n: int, name) -> StyleChoice | None:
+        return style_choice(self.args, self.model, self.kind, n, name, self.sampling.height, self.sampling.width)
+
+    def same_noise(self, n: int) -> torch.Tensor:
+        """One initial noise (from --seed) for every cell of a grid row."""
+        f = self.model.vae.cfg.downsample_factor
+        shape = (1, self.model.unet.cfg.in_channels, self.sampling.height // f, self.sampling.width // f)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(self.args.seed)).expand(n, -1, -1, -1)
+
+
+def draw_grid(d: Drawer, plan: list[dict], out: Path) -> list[str]:
+    """--grid: a row per class, the same initial noise in every cell -> out/grid.png."""
+    args, cells = d.args, []
+    if args.grid == "classes-x-styles":  # column j: the same style draw (--style-seed) in every row
+        n, seed = args.n_styles, args.style_seed if args.style_seed is not None else args.seed + 1
+        for c in tqdm(plan, desc="rows (classes)"):
+            choice = d.style(n, c["name"])
+            cells.append(d.generate([c["prompt"]] * n, choice and replace(choice, seed=seed), latents=d.same_noise(n)))
+    else:  # interpolation: slerp between the two --interpolate endpoints
+        n, size = args.n_interp, (d.sampling.height, d.sampling.width)
+        for c in tqdm(plan, desc="rows (classes)"):
+            s0, s1 = (endpoint_style(d.model, spec, c["prompt"], args.tau, *size) for spec in args.interpolate)
+            styles = torch.cat([slerp(s0, s1, a) for a in torch.linspace(0, 1, n).tolist()])
+            cells.append(d.generate([c["prompt"]] * n, StyleChoice(styles, scale=args.style_scale),
+                                    latents=d.same_noise(n)))
+    make_grid(torch.cat(cells), n).save(out / "grid.png")
+    return [str(out / "grid.png")]
+
+
+def draw_dataset(d: Drawer, plan: list[dict], out: Path) -> list[str]:
+    """--per-class / --scale: each class's count of images -> out/<class folder>/00000.png, batch b seeded seed + b."""
+    written, batch_index, bar = [], 0, tqdm(total=sum(c["count"] for c in plan), desc="images")
+    for c in plan:
+        folder = out / c["folder"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for start in range(0, c["count"], d.args.batch):
+            n = min(d.args.batch, c["count"] - start)
+            images = d.generate([c["prompt"]] * n, d.style(n, c["name"]), seed=d.args.seed + batch_index)
+            batch_index += 1
+            for j, img in enumerate(images):
+                to_pil(img).save(folder / f"{start + j:05d}.png")
+                written.append(str(folder / f"{start + j:05d}.png"))
+            bar.update(n)
+    bar.close()
+    return written
+
+
+def draw_prompts(d: Drawer, out: Path) -> list[str]:
+    """--prompt P x --num-images N -> out/images/000000.png... and out/grid.png (a row per prompt)."""
+    args = d.args
+    if not args.prompt:
+        raise UsageError("pass --prompt (or --per-class / --scale / --grid for a CLUE checkpoint)")
+    n_each = args.num_images or args.batch
+    prompts = [q for q in args.prompt for _ in range(n_each)]
+    name = args.class_name if args.class_name is not None else next(  # default: the class of the prompt
+        (k for k, p in d.model.style_posterior.items() if p["prompt"] == args.prompt[0]), None)
+    chunks = [prompts[start:start + args.batch] for start in range(0, len(prompts), args.batch)]
+    images = torch.cat([d.generate(chunk, d.style(len(chunk), name), seed=args.seed + b, progress=True)
+                        for b, chunk in enumerate(chunks)])
+    (out / "images").mkdir(exist_ok=True)  # apart from grid.png, so eval.py can read the folder as it is
+    written = []
+    for i, img in enumerate(images):
+        to_pil(img).save(out / "images" / f"{i:06d}.png")
+        written.append(str(out / "images" / f"{i:06d}.png"))
+    make_grid(images, min(len(images), max(n_each, 1))).save(out / "grid.png")
+    return written + [str(out / "grid.png")]
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start, device = time.time(), torch.device(args.device)
+    # 1. the model, and the flags that need it to be checked
     model, kind = load_model(args.model, device, args.prediction_type)
     height, width = args.height or model.cfg.image_size, args.width or model.cfg.image_size
     f = model.vae.cfg.downsample_factor
@@ -240,78 +323,28 @@ def main(argv=None) -> dict:
     if args.style_guidance != 1.0 and (model.style_encoder is None or args.style == "none"):
         raise UsageError(f"--style-guidance {args.style_guidance:g} guides a style: this model has none (plain SD "
                          "or a --style-tokens 0 baseline) or --style none was given")
+    # 2. precision and the DDIM settings
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if dtype is torch.float16 and model.cfg.prediction_type == "v_prediction":  # SD 2.1-v overflows in fp16
         for m in (m for m in model.unet.modules() if isinstance(m, Attention)):
             m.upcast = True  # attention softmax in fp32
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sampling = Sampling(steps=args.steps, guidance=args.guidance, eta=args.eta, negative_prompt=args.negative_prompt,
                         height=height, width=width, style_guidance=args.style_guidance,
                         condition_noise=args.condition_noise, **args.cads)
-    written, record = [], {}
-
-    def generate(prompts, style, seed=None, latents=None, progress=False):
-        with autocast:
-            return model.generate(prompts, sampling, style, seed=seed, latents=latents, progress=progress).float().cpu()
-
-    def same_noise(n):  # one initial noise for every cell of a grid row
-        shape = (1, model.unet.cfg.in_channels, height // f, width // f)
-        return torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).expand(n, -1, -1, -1)
-
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    d = Drawer(model, kind, args, sampling, autocast)
+    # 3. the mode: a grid, a synthetic dataset or prompts
+    out, record = Path(args.out), {}
+    out.mkdir(parents=True, exist_ok=True)
     if args.grid is not None or args.per_class is not None or args.scale is not None:
         record["classes"] = plan = class_plan(args, model)
-    if args.grid == "classes-x-styles":
-        cells, n, seed = [], args.n_styles, args.style_seed if args.style_seed is not None else args.seed + 1
-        for c in tqdm(plan, desc="rows (classes)"):
-            choice = style_choice(args, model, kind, n, c["name"], height, width)
-            cells.append(generate([c["prompt"]] * n, choice and replace(choice, seed=seed), latents=same_noise(n)))
-    elif args.grid == "interpolation":
-        cells, n = [], args.n_interp
-        for c in tqdm(plan, desc="rows (classes)"):
-            s0, s1 = (endpoint_style(model, spec, c["prompt"], args.tau, height, width) for spec in args.interpolate)
-            styles = torch.cat([slerp(s0, s1, a) for a in torch.linspace(0, 1, n).tolist()])
-            cells.append(generate([c["prompt"]] * n, StyleChoice(styles, scale=args.style_scale),
-                                  latents=same_noise(n)))
     if args.grid is not None:
-        make_grid(torch.cat(cells), n).save(out / "grid.png")
-        written.append(str(out / "grid.png"))
+        written = draw_grid(d, plan, out)
     elif args.per_class is not None or args.scale is not None:
-        batch_index, bar = 0, tqdm(total=sum(c["count"] for c in plan), desc="images")
-        for c in plan:
-            folder = out / c["folder"]
-            folder.mkdir(parents=True, exist_ok=True)
-            for start in range(0, c["count"], args.batch):
-                n = min(args.batch, c["count"] - start)
-                images = generate([c["prompt"]] * n, style_choice(args, model, kind, n, c["name"], height, width),
-                                  seed=args.seed + batch_index)
-                batch_index += 1
-                for j, img in enumerate(images):
-                    to_pil(img).save(folder / f"{start + j:05d}.png")
-                    written.append(str(folder / f"{start + j:05d}.png"))
-                bar.update(n)
-        bar.close()
+        written = draw_dataset(d, plan, out)
     else:
-        if not args.prompt:
-            raise UsageError("pass --prompt (or --per-class / --scale / --grid for a CLUE checkpoint)")
-        n_each = args.num_images or args.batch
-        prompts = [q for q in args.prompt for _ in range(n_each)]
-        name = args.class_name if args.class_name is not None else next(  # default: the class of the prompt
-            (k for k, p in model.style_posterior.items() if p["prompt"] == args.prompt[0]), None)
-        all_images = []
-        for b, start in enumerate(range(0, len(prompts), args.batch)):
-            chunk = prompts[start:start + args.batch]
-            choice = style_choice(args, model, kind, len(chunk), name, height, width)
-            all_images.append(generate(chunk, choice, seed=args.seed + b, progress=True))
-        images = torch.cat(all_images)
-        (out / "images").mkdir(exist_ok=True)  # apart from grid.png, so eval.py can read the folder as it is
-        for i, img in enumerate(images):
-            to_pil(img).save(out / "images" / f"{i:06d}.png")
-            written.append(str(out / "images" / f"{i:06d}.png"))
-        make_grid(images, min(len(images), max(n_each, 1))).save(out / "grid.png")
-        written.append(str(out / "grid.png"))
-
+        written = draw_prompts(d, out)
+    # 4. every setting, so that the run can be reproduced
     record.update(settings=vars(args), model_kind=kind, prediction_type=model.cfg.prediction_type,
                   height=height, width=width, n_files=len(written), seconds=round(time.time() - t_start, 2),
                   device=str(device), torch=torch.__version__, python=platform.python_version(),
