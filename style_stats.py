@@ -77,11 +77,9 @@ def posterior_draw(p: dict, tau: float, generator=None) -> torch.Tensor:
     return p["mean"] + tau * (torch.einsum("r,rkd->kd", e1, F_) + p["psi"].sqrt() * e2)
 
 
-@torch.no_grad()
-def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) -> dict:
-    """Style-latent health on (held-out) data; returns a flat dict (None where not applicable).
-
-    kl_per_dim: mean over data and dimensions of KL(q(s|x) || N(0,1)). active_units: dimensions j with
+def aggregate_stats(X: torch.Tensor, sigma2: torch.Tensor, kl: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The style latent over N images from their mu X (N,d), mean sigma^2 (d,) and mean KL (K,D) -> (entries, m,
+    Sigma). kl_per_dim: mean over data and dimensions of KL(q(s|x) || N(0,1)). active_units: dimensions j with
     Var_x(E[s_j|x]) > 0.01 (Burda et al. 2016). The aggregated posterior q(s) = E_x q(s|x), moment-matched to
     N(m, Sigma) with m = E_x mu and Sigma = Cov_x(mu) + diag(E_x sigma^2), compared with the prior N(0, I):
       agg_kl_per_dim       KL(N(m, Sigma) || N(0, I)) / d with the FULL covariance; 0 iff m = 0 and
@@ -90,9 +88,26 @@ def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) ->
       agg_kl_diag_per_dim  the same with only the diagonal of Sigma: blind to styles along a few directions off the axes
       agg_top_eigenvalues  the 5 largest eigenvalues of Sigma: N(0, I) has 1 in every direction; >> 1 means
                            prior draws at tau = 1 explore only part of the styles (about tau ~ sqrt(eigenvalue))
-      agg_mmd_per_dim      ||E[s s^T] - I||_F^2 + 2 |E s|^2 over d, exact on these images (the training term)
-    loss_{encoder,prior,aggregate,none}: held-out denoising MSE with s = mu, s ~ N(0, I), s ~ aggregated
-    posterior (the class Gaussian of fit_style_posterior, else N(m, Sigma)) and no style, same t and noise."""
+      agg_mmd_per_dim      ||E[s s^T] - I||_F^2 + 2 |E s|^2 over d, exact on these images (the training term)"""
+    d, m = X.shape[1], X.mean(0)
+    cov_mu = torch.cov(X.T, correction=0).view(d, d)                        # Cov_x(mu), (d,d)
+    Sigma = cov_mu + torch.diag(sigma2)
+    v = Sigma.diagonal()
+    M = Sigma + torch.outer(m, m)                                           # E[s s^T] of the mixture
+    eig = torch.linalg.eigvalsh(Sigma)
+    return dict(style_dims=d, kl_per_dim=kl.mean().item(), active_units=int((cov_mu.diagonal() > 0.01).sum().item()),
+                agg_kl_per_dim=(0.5 * (eig.sum() + m @ m - d - eig.log().sum()) / d).item(),
+                agg_kl_diag_per_dim=(0.5 * (v + m ** 2 - 1 - v.log())).mean().item(),
+                agg_top_eigenvalues=[round(x, 3) for x in eig.flip(0)[:5].tolist()],
+                agg_mmd_per_dim=(((M - torch.eye(d, dtype=M.dtype)).pow(2).sum() + 2 * m @ m) / d).item()), m, Sigma
+
+
+@torch.no_grad()
+def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) -> dict:
+    """Style-latent health on (held-out) data; returns a flat dict (None where not applicable): the entries of
+    aggregate_stats, and loss_{encoder,prior,aggregate,none}: held-out denoising MSE with s = mu, s ~ N(0, I),
+    s ~ aggregated posterior (the class Gaussian of fit_style_posterior, else N(m, Sigma)) and no style, same t and
+    noise."""
     was_training = model.training
     model.eval()
     # pass 1: the encoder over the data (cheap: no U-Net)
@@ -108,20 +123,8 @@ def diagnostics(model, loader, max_batches: int | None = None, seed: int = 0) ->
            "agg_kl_diag_per_dim": None, "agg_top_eigenvalues": None, "agg_mmd_per_dim": None,
            "loss_encoder": None, "loss_prior": None, "loss_aggregate": None}
     if model.style_encoder is not None:
-        X = torch.cat(mus)                                                  # (N,d)
-        d, m = X.shape[1], X.mean(0)
-        sigma2 = var_sum / n                                                # E_x sigma^2, (d,)
-        cov_mu = torch.cov(X.T, correction=0).view(d, d)                    # Cov_x(mu), (d,d)
-        Sigma = cov_mu + torch.diag(sigma2)
-        v = Sigma.diagonal()
-        M = Sigma + torch.outer(m, m)                                       # E[s s^T] of the mixture
-        eig = torch.linalg.eigvalsh(Sigma)
-        out.update(style_dims=d, kl_per_dim=(kl_sum / n).mean().item(),
-                   active_units=int((cov_mu.diagonal() > 0.01).sum().item()),
-                   agg_kl_per_dim=(0.5 * (eig.sum() + m @ m - d - eig.log().sum()) / d).item(),
-                   agg_kl_diag_per_dim=(0.5 * (v + m ** 2 - 1 - v.log())).mean().item(),
-                   agg_top_eigenvalues=[round(x, 3) for x in eig.flip(0)[:5].tolist()],
-                   agg_mmd_per_dim=(((M - torch.eye(d, dtype=M.dtype)).pow(2).sum() + 2 * m @ m) / d).item())
+        stats, m, Sigma = aggregate_stats(torch.cat(mus), var_sum / n, kl_sum / n)
+        out.update(stats)
         agg_chol = torch.linalg.cholesky(Sigma).float()                     # for draws from N(m, Sigma)
     # pass 2: held-out denoising loss, four kinds of style, identical t and eps
     gen = torch.Generator().manual_seed(seed)
