@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from clue import CLUE, POSTERIOR_TENSORS, CLUEConfig, StableDiffusion
 from lora import LoRAConfig, add_lora, lora_settings, lora_trains, merge_lora
-from schedulers import SD_SAMPLER, SD_SCHEDULE, NoiseSchedule
+from schedulers import SD_SAMPLER, SD_SCHEDULE, NoiseSchedule, sd_image_size
 from style_encoder import StyleConfig, StyleEncoder
 from text_encoder import TextConfig, TextEncoder
 from unet import UNet, UNetConfig, is_style_param
@@ -126,22 +126,6 @@ def read_json(path) -> dict:
     return obj
 
 
-def read_config(file: Path, translate) -> tuple:
-    """(raw, translate(raw, file)) of a JSON config file, what the translation raises naming the file."""
-    raw = read_json(file)
-    with naming_errors(file):
-        return raw, translate(raw, file)
-
-
-def check_fixed(cfg: dict, fixed: dict, where) -> None:
-    """Refuse options of a public config set to other values than `fixed` {option: the one value we implement}."""
-    def same(value, want):
-        return all(same(v, want) for v in value) if isinstance(value, list) else value == want
-    if odd := [f"{k}={cfg[k]!r} (we implement {v!r})" for k, v in fixed.items() if k in cfg and not same(cfg[k], v)]:
-        raise CheckpointError(f"{where}: settings that SD 1.x / 2.x do not use and we do not implement: "
-                              + "; ".join(odd))
-
-
 def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "config.json",
                     tensors_name: str = "model.safetensors") -> tuple[dict, dict]:
     """What write_checkpoint wrote -> (config, tensors). `kind` (a name or a tuple of names) is what the caller
@@ -201,9 +185,6 @@ def config_from_dict(cls, d, where: str):
         return cls(**kw)
 
 
-_TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """A .safetensors file or a torch pickle (.ckpt/.bin, read with weights_only=True) -> {name: tensor}; a top-level
     "state_dict" (Lightning / ldm) is unwrapped, non-tensor entries (step counters) dropped."""
@@ -212,7 +193,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
         magic = f.read(2)
-    as_torch = path.suffix != ".safetensors" and (magic in (b"PK", b"\x80\x02") or path.suffix in _TORCH_SUFFIXES)
+    as_torch = path.suffix != ".safetensors" and (magic in (b"PK", b"\x80\x02")  # zip or legacy pickle
+                                                  or path.suffix in (".ckpt", ".pt", ".pth", ".bin"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True) if as_torch else load_file(path)
     except Exception as e:  # the libraries raise a zoo of types (SafetensorError, UnpicklingError, RuntimeError...)
@@ -230,20 +212,6 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def read_weights_folder(folder: Path) -> tuple[dict, Path]:
-    """A diffusers / transformers component folder's weights -> (tensors, file): safetensors before .bin, full
-    precision before fp16, shards (*.index.json) merged."""
-    for name in (f"{stem}{variant}{ext}" for ext in (".safetensors", ".bin") for variant in ("", ".fp16")
-                 for stem in ("diffusion_pytorch_model", "model", "pytorch_model")):
-        if (folder / name).is_file():
-            return read_state_dict(folder / name), folder / name
-        if (index := folder / f"{name}.index.json").is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-            return {k: v for s in shards for k, v in read_state_dict(folder / s).items()}, index
-    raise FileNotFoundError(f"{folder}: no weights (diffusion_pytorch_model / model .safetensors or .bin); "
-                            f"found {sorted(p.name for p in folder.iterdir())}")
 
 
 # ---- renaming rules and the audit ------------------------------------------------------------------------------------
@@ -316,23 +284,6 @@ def build_stable_diffusion(cfgs: tuple, weights, schedule: NoiseSchedule, where,
     return StableDiffusion(*modules, schedule, schedule.prediction_type, **fields)
 
 
-def schedule_from_betas(sd: dict, where) -> dict:
-    """SD's NoiseSchedule arguments; where a state dict stores ldm's `betas`, checked to be that schedule (or one with
-    its end points)."""
-    betas = sd.get("betas")
-    if betas is None:
-        return dict(SD_SCHEDULE)
-    tolerance = max(1e-4, 2 * torch.finfo(betas.dtype).eps)  # pruned fp16 files store fp16 betas
-    betas = betas.double()
-    for cand in (dict(SD_SCHEDULE), dict(SD_SCHEDULE, num_train_timesteps=len(betas),
-                                         beta_start=round(float(betas[0]), 8), beta_end=round(float(betas[-1]), 8))):
-        ours = NoiseSchedule(**cand).betas.double()
-        if ours.shape == betas.shape and torch.allclose(ours, betas, rtol=tolerance, atol=1e-8):
-            return cand
-    raise CheckpointError(f"{where}: the stored 'betas' ({len(betas)} steps, {float(betas[0]):.6g} .. "
-                          f"{float(betas[-1]):.6g}) are not a scaled_linear schedule; not an SD 1.x / 2.x file")
-
-
 # ---- Stable Diffusion and CLUE in our format -------------------------------------------------------------------------
 _TOP = {"prediction_type": str | None, "scale_factor": float, "image_size": int | None, "source": str}
 _SCHEDULE = {**{k: type(v) for k, v in SD_SCHEDULE.items()}, "prediction_type": str}
@@ -394,7 +345,7 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
          (*apply_rules(vae_sd, IDENTITY), "VAE (vae.*)", weights),
          (*apply_rules(text_sd, IDENTITY), "text encoder (text_encoder.*)", weights)],
         schedule, folder, scale_factor=float(top.get("scale_factor", vae_cfg.scale_factor)),
-        image_size=int(top.get("image_size") or clue_size or (768 if prediction_type == "v_prediction" else 512)),
+        image_size=int(top.get("image_size") or clue_size or sd_image_size(prediction_type)),
         sampler_config=dict(sampler), source=f"{FORMAT} folder", notes=notes, **extra)
 
 

@@ -17,9 +17,8 @@ import torch
 from huggingface_hub import snapshot_download
 
 import cli
-from checkpoint import (FORMAT, IDENTITY, CheckpointError, apply_rules, as_clue, build_stable_diffusion, check_fixed,
-                        key_listing, load_sd_folder, naming_errors, read_config, read_json, read_state_dict,
-                        read_weights_folder, save_clue, save_stable_diffusion, schedule_from_betas)
+from checkpoint import (FORMAT, IDENTITY, CheckpointError, apply_rules, as_clue, build_stable_diffusion, key_listing,
+                        load_sd_folder, naming_errors, read_json, read_state_dict, save_clue, save_stable_diffusion)
 from clue import StableDiffusion
 from schedulers import PREDICTION_TYPES, SD_SAMPLER, SD_SCHEDULE, NoiseSchedule
 from text_encoder import TextConfig
@@ -88,7 +87,23 @@ def text_config_from_hf(hf_config, mode: str = "sd2") -> TextConfig:
                       mlp_ratio=hidden / width, act=act, pad="zero" if mode == "sd2" else "eos")
 
 
+def read_config(file: Path, translate) -> tuple:
+    """(raw, translate(raw, file)) of a JSON config file, what the translation raises naming the file."""
+    raw = read_json(file)
+    with naming_errors(file):
+        return raw, translate(raw, file)
+
+
 # ---- diffusers folders -----------------------------------------------------------------------------------------------
+def check_fixed(cfg: dict, fixed: dict, where) -> None:
+    """Refuse options of a public config set to other values than `fixed` {option: the one value we implement}."""
+    def same(value, want):
+        return all(same(v, want) for v in value) if isinstance(value, list) else value == want
+    if odd := [f"{k}={cfg[k]!r} (we implement {v!r})" for k, v in fixed.items() if k in cfg and not same(cfg[k], v)]:
+        raise CheckpointError(f"{where}: settings that SD 1.x / 2.x do not use and we do not implement: "
+                              + "; ".join(odd))
+
+
 # diffusers options and the one value SD 1.x / 2.x use (what our modules build); another value is refused.
 _UNET_FIXED = dict(act_fn="silu", flip_sin_to_cos=True, freq_shift=0, time_embedding_type="positional",
                    mid_block_type="UNetMidBlock2DCrossAttn", resnet_time_scale_shift="default",
@@ -147,6 +162,20 @@ def _text_mode(folder: Path, hf_config: dict) -> str:
         if pad is not None:
             return "sd1" if pad == "<|endoftext|>" else "sd2"
     return "sd1" if hf_config.get("hidden_act") == "quick_gelu" else "sd2"
+
+
+def read_weights_folder(folder: Path) -> tuple[dict, Path]:
+    """A diffusers / transformers component folder's weights -> (tensors, file): safetensors before .bin, full
+    precision before fp16, shards (*.index.json) merged."""
+    for name in (f"{stem}{variant}{ext}" for ext in (".safetensors", ".bin") for variant in ("", ".fp16")
+                 for stem in ("diffusion_pytorch_model", "model", "pytorch_model")):
+        if (folder / name).is_file():
+            return read_state_dict(folder / name), folder / name
+        if (index := folder / f"{name}.index.json").is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            return {k: v for s in shards for k, v in read_state_dict(folder / s).items()}, index
+    raise FileNotFoundError(f"{folder}: no weights (diffusion_pytorch_model / model .safetensors or .bin); "
+                            f"found {sorted(p.name for p in folder.iterdir())}")
 
 
 _DIFFUSERS_VAE_RULES = [  # diffusers < 0.14 named the VAE's mid attention query, key, value, proj_attn
@@ -328,6 +357,23 @@ def _configs_from_ldm(unet_sd: dict, vae_sd: dict, text_sd: dict, kind: str, hea
         num_hidden_layers=len(_indices(text_sd, r"transformer\.resblocks\.(\d+)\.")) - (kind == "sd2"),
         hidden_act="quick_gelu" if kind == "sd1" else "gelu"), mode=kind)
     return unet, vae, text
+
+
+def schedule_from_betas(sd: dict, where) -> dict:
+    """SD's NoiseSchedule arguments; where a state dict stores ldm's `betas`, checked to be that schedule (or one with
+    its end points)."""
+    betas = sd.get("betas")
+    if betas is None:
+        return dict(SD_SCHEDULE)
+    tolerance = max(1e-4, 2 * torch.finfo(betas.dtype).eps)  # pruned fp16 files store fp16 betas
+    betas = betas.double()
+    for cand in (dict(SD_SCHEDULE), dict(SD_SCHEDULE, num_train_timesteps=len(betas),
+                                         beta_start=round(float(betas[0]), 8), beta_end=round(float(betas[-1]), 8))):
+        ours = NoiseSchedule(**cand).betas.double()
+        if ours.shape == betas.shape and torch.allclose(ours, betas, rtol=tolerance, atol=1e-8):
+            return cand
+    raise CheckpointError(f"{where}: the stored 'betas' ({len(betas)} steps, {float(betas[0]):.6g} .. "
+                          f"{float(betas[-1]):.6g}) are not a scaled_linear schedule; not an SD 1.x / 2.x file")
 
 
 def from_ldm_state_dict(sd: dict, path="state dict", prediction_type: str | None = None, use_ema: bool = True,
