@@ -32,6 +32,9 @@ from unet import UNet, UNetConfig, is_style_param
 from vae import VAE, VAEConfig
 
 FORMAT, FORMAT_VERSION, LORA_FILE = "clue-pytorch", 1, "lora.safetensors"  # LORA_FILE: a LoRA folder's tensors
+OLD_FORMATS = {"clue-classifier": "a classifier written by an older eval.py: retrain it (python eval.py "
+               'train-classifier --train DIR --out FOLDER) or in its config.json replace "format": "clue-classifier" '
+               'by "format": "clue-pytorch", "kind": "classifier" (nothing else changed)'}  # formats before the one
 
 
 class CheckpointError(ValueError):
@@ -138,8 +141,8 @@ def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "c
     version, found, kinds = config.get("version", 0), config.get("kind"), (kind,) if isinstance(kind, str) else kind
     fmt = config.get("format", FORMAT if json_name == "training_state.json" else None)  # the first train.py wrote none
     if fmt != FORMAT:
-        raise CheckpointError(f"{config_file}: 'format' is {fmt!r}, expected {FORMAT!r}; not a folder written by "
-                              "this project")
+        raise CheckpointError(f"{config_file}: 'format' is {fmt!r}, expected {FORMAT!r}; "
+                              + OLD_FORMATS.get(fmt, "not a folder written by this project"))
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format version {version!r} is not one this code reads "
                               f"(<= {FORMAT_VERSION}); update the code")
@@ -310,10 +313,9 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     schedule = _fields(config["schedule"], _SCHEDULE, f"{where} [schedule]", "schedule")
     top = _fields({k: config[k] for k in _TOP if k in config}, _TOP, where, "top-level")
     sampler = _fields(config.get("sampler") or SD_SAMPLER, _SAMPLER, f"{where} [sampler]", "sampler")
-    stored_type = schedule.pop("prediction_type", None)
-    prediction_type = prediction_type or top.get("prediction_type") or stored_type or "epsilon"
+    prediction_type = prediction_type or top.get("prediction_type") or schedule.get("prediction_type") or "epsilon"
     with naming_errors(where):
-        schedule = NoiseSchedule(**schedule, prediction_type=prediction_type)
+        schedule = NoiseSchedule(**{**schedule, "prediction_type": prediction_type})
     parts: dict[str, dict] = {}  # {"unet": {name: tensor}, "vae": ..., "style_encoder": ...}
     for k, v in tensors.items():
         head, _, rest = k.partition(".")
@@ -392,8 +394,7 @@ _NOT_CLUE = ("not a CLUE checkpoint (no 'clue' section in config.json); for plai
 
 
 def as_clue(sd: StableDiffusion, folder) -> CLUE:
-    """The CLUE model of the checkpoint `folder` that load_sd_folder read as `sd` (its style encoder, CLUE settings
-    and style posterior are in sd.extra_config / extra_tensors), validated."""
+    """The CLUE model of checkpoint `folder`, validated, from load_sd_folder's `sd` (the CLUE parts: sd.extra_*)."""
     extra, tensors = sd.extra_config, sd.extra_tensors
     config_file, weights = Path(folder) / "config.json", Path(folder) / "model.safetensors"
     if "clue" not in extra:

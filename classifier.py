@@ -25,10 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, config_from_dict, load_mapped, read_checkpoint, write_checkpoint
+from checkpoint import config_from_dict, load_mapped, read_checkpoint, write_checkpoint
 from data import ClassFolderDataset, DataError, load_image
-
-OLD_FORMAT = "clue-classifier"  # the "format" of classifier folders written before checkpoint.py's one format
 
 
 @dataclass
@@ -247,15 +245,7 @@ def load_classifier(path, device="cpu"):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"classifier checkpoint {path!r} not found: expected a folder written by "
                                 "`python eval.py train-classifier` or `eval.py classify` (its classifier_real/)")
-    try:
-        config, tensors = read_checkpoint(path, "classifier")
-    except CheckpointError as e:
-        if repr(OLD_FORMAT) not in str(e):
-            raise
-        raise CheckpointError(
-            f"{e}\n{path} is a classifier written by an older eval.py. Retrain it (python eval.py train-classifier "
-            f"--train DIR --out {path}) or convert it: in its config.json, replace \"format\": \"{OLD_FORMAT}\" by "
-            '"format": "clue-pytorch", "kind": "classifier" (nothing else changed)') from None
+    config, tensors = read_checkpoint(path, "classifier")
     where = os.path.join(path, "config.json")
     cfg = config_from_dict(ClassifierConfig, config.get("classifier"), f"{where} [classifier]")
     model = ResNet(cfg)
