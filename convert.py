@@ -218,7 +218,7 @@ def _load_diffusers_folder(folder: Path, prediction_type, style: bool) -> Stable
     size = unet_raw.get("sample_size", 64)
     return build_stable_diffusion(
         (unet_cfg, vae_cfg, text_cfg), weights(), schedule, folder, scale_factor=vae_cfg.scale_factor,
-        image_size=(size[0] if isinstance(size, list) else size) * 2 ** (len(vae_cfg.block_channels) - 1),
+        image_size=(size[0] if isinstance(size, list) else size) * vae_cfg.downsample_factor,
         sampler_config={k: sched.get(k, v) for k, v in SD_SAMPLER.items()}, source="diffusers folder", notes=notes)
 
 
