@@ -141,8 +141,9 @@ def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "c
     version, found, kinds = config.get("version", 0), config.get("kind"), (kind,) if isinstance(kind, str) else kind
     fmt = config.get("format", FORMAT if json_name == "training_state.json" else None)  # the first train.py wrote none
     if fmt != FORMAT:
+        advice = OLD_FORMATS.get(fmt) if isinstance(fmt, str) else None  # any JSON value may stand there
         raise CheckpointError(f"{config_file}: 'format' is {fmt!r}, expected {FORMAT!r}; "
-                              + OLD_FORMATS.get(fmt, "not a folder written by this project"))
+                              + (advice or "not a folder written by this project"))
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format version {version!r} is not one this code reads "
                               f"(<= {FORMAT_VERSION}); update the code")

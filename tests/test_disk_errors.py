@@ -248,3 +248,12 @@ def test_read_checkpoint_takes_the_first_training_state_files(tmp_path):
     assert read_checkpoint(tmp_path / "state", "training_state", **STATE)[0] == {"step": 3}
     with pytest.raises(CheckpointError, match=r"config.json: 'format' is None, expected 'clue-pytorch'"):
         read_checkpoint(tmp_path / "model")
+
+
+def test_read_checkpoint_names_any_json_format_value(tmp_path):
+    """A "format" that is not a string (a list, an object) is refused with the same one-line error, not a TypeError."""
+    write_checkpoint(tmp_path, "vae", {"vae": {}}, {"w": torch.zeros(2)})
+    for value in ([1, 2], {"a": 1}, 3):
+        (tmp_path / "config.json").write_text(json.dumps({"format": value, "version": 1}))
+        with pytest.raises(CheckpointError, match=r"'format' is .*expected 'clue-pytorch'; not a folder written"):
+            read_checkpoint(tmp_path)
