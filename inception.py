@@ -1,4 +1,4 @@
-"""The Inception-v3 network used by FID, in plain PyTorch (pool3 features, 2048-d).
+"""The Inception-v3 network used by FID (pool3 features, 2048-d): torchvision's blocks with FID's three changes.
 
 FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule converge to a local Nash
 equilibrium", Sec. 4) compares Gaussians fitted to the 2048-d pool3 activations of the Inception-v3
@@ -14,16 +14,19 @@ Input: images in [0, 1], any size. They are resized to 299x299 bilinearly with
 `align_corners=False` and no antialiasing (pytorch-fid's `F.interpolate` call), then scaled to
 [-1, 1]. Output: the global average of the last 8x8x2048 map.
 
-Module names equal torchvision's / pytorch-fid's (`Conv2d_1a_3x3.conv`, `Mixed_5b.branch1x1.bn`, ...), so
-pytorch-fid's weight file `pt_inception-2015-12-05-6726825d.pth` loads without renaming. Left out: the auxiliary
-and the 1008-way classifiers (`fc.*` in the weight file, skipped), the earlier feature blocks (64/192/768-d) that
-pytorch-fid can also return, and any download: the weights come from a local file only.
+The blocks are torchvision's (BasicConv2d: conv without bias, BatchNorm eps 1e-3, ReLU; InceptionA..E of
+Szegedy et al.'s Fig. 5-7), installed with open_clip; the three FID blocks override their forward, as pytorch-fid
+does. Module names are torchvision's, so pytorch-fid's weight file `pt_inception-2015-12-05-6726825d.pth` loads
+without renaming. Left out: the auxiliary and the 1008-way classifiers (`fc.*` in the weight file, skipped), the
+earlier feature blocks (64/192/768-d) that pytorch-fid can also return, and any download: the weights come from a
+local file only.
 """
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
 from checkpoint import CheckpointError, read_state_dict
 
@@ -32,140 +35,48 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 FEATURE_DIM = 2048
 
 
-class BasicConv2d(nn.Module):
-    """Convolution without bias -> BatchNorm (eps 1e-3, TensorFlow's) -> ReLU."""
-
-    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_ch, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
 def avg_pool_same(x):
-    """3x3 stride-1 average pool that averages only the pixels inside the image (TF 'SAME')."""
+    """3x3 stride-1 average pool that averages only the pixels inside the image (TF 'SAME'): FID change 1."""
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-class InceptionA(nn.Module):
-    """35x35 block (Mixed_5b/c/d): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1."""
-
-    def __init__(self, in_ch, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_ch, 64, 1)
-        self.branch5x5_1 = BasicConv2d(in_ch, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(in_ch, pool_features, 1)
+class FIDInceptionA(InceptionA):
+    """35x35 block (Mixed_5b/c/d): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1, the pool of FID change 1."""
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(avg_pool_same(x))  # FID change 1
-        return torch.cat([b1, b5, b3, bp], dim=1)
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool_same(x))], dim=1)
 
 
-class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17 (Mixed_6a): 3x3/2 | 1x1->3x3->3x3/2 | maxpool/2."""
-
-    def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_ch, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+class FIDInceptionC(InceptionC):
+    """17x17 block (Mixed_6b..6e), factorised 7x7 convolutions (1x7 then 7x1), the pool of FID change 1."""
 
     def forward(self, x):
-        b3 = self.branch3x3(x)
-        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b3d, bp], dim=1)
-
-
-class InceptionC(nn.Module):
-    """17x17 block with factorised 7x7 convolutions (1x7 then 7x1) (Mixed_6b..6e)."""
-
-    def __init__(self, in_ch, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7_1 = BasicConv2d(in_ch, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_ch, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7d = x
         for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
                       self.branch7x7dbl_4, self.branch7x7dbl_5):
             b7d = layer(b7d)
-        bp = self.branch_pool(avg_pool_same(x))  # FID change 1
-        return torch.cat([b1, b7, b7d, bp], dim=1)
+        return torch.cat([self.branch1x1(x), b7, b7d, self.branch_pool(avg_pool_same(x))], dim=1)
 
 
-class InceptionD(nn.Module):
-    """Grid reduction 17 -> 8 (Mixed_7a): 1x1->3x3/2 | 1x1->1x7->7x1->3x3/2 | maxpool/2."""
-
-    def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = x
-        for layer in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = layer(b7)
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b7, bp], dim=1)
-
-
-class InceptionE(nn.Module):
-    """8x8 block with split 1x3 / 3x1 outputs (Mixed_7b, Mixed_7c).
-
-    pool="avg": padding-excluding average pool (Mixed_7b, FID change 1);
-    pool="max": max pool (Mixed_7c, FID change 2)."""
+class FIDInceptionE(InceptionE):
+    """8x8 block with split 1x3 / 3x1 outputs: pool="avg" (Mixed_7b, FID change 1), "max" (Mixed_7c, change 2)."""
 
     def __init__(self, in_ch, pool):
-        super().__init__()
+        super().__init__(in_ch)
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
         self.pool = pool
-        self.branch1x1 = BasicConv2d(in_ch, 320, 1)
-        self.branch3x3_1 = BasicConv2d(in_ch, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
         h = self.branch3x3_1(x)
         b3 = torch.cat([self.branch3x3_2a(h), self.branch3x3_2b(h)], dim=1)
         h = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3d = torch.cat([self.branch3x3dbl_3a(h), self.branch3x3dbl_3b(h)], dim=1)
         pooled = avg_pool_same(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        bp = self.branch_pool(pooled)  # FID change 1 (avg) or 2 (max)
-        return torch.cat([b1, b3, b3d, bp], dim=1)
+        return torch.cat([self.branch1x1(x), b3, b3d, self.branch_pool(pooled)], dim=1)
 
 
 class FIDInceptionV3(nn.Module):
@@ -174,25 +85,25 @@ class FIDInceptionV3(nn.Module):
     def __init__(self):
         super().__init__()
         # stem: 299 -> 35x35x192
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
         # 35x35
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
         # 17x17
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
         # 8x8
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
 
     def forward(self, images):
         # 1. resize to the network's 299x299 and scale [0, 1] -> [-1, 1]
