@@ -13,23 +13,20 @@ file composes the parts (vae.py, text_encoder.py, unet.py, style_encoder.py, sch
    s = mu + sigma * eps_s (reparameterisation), the KL of a diagonal Gaussian
        KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)   per dimension,
    both terms as *means* (per latent element, per style dimension), optional min-SNR-gamma weights
-   (Hang et al. 2023), and condition dropout for classifier-free guidance (Ho & Salimans 2022).
-   The MMD term (InfoVAE, Zhao et al. 2019; WAE, Tolstikhin et al. 2018) shapes the aggregated posterior
-   q(s) = E_x q(s|x), where unprompted prior draws land, which the per-image KL bounds but does not shape; with the
-   kernel (1 + x.y)^2 it is MMD^2 = ||E_q[s s^T] - I||_F^2 + 2 ||E_q[s]||^2 (StyleEncoder.prior_mmd).
+   (Hang et al. 2023), and condition dropout for classifier-free guidance (Ho & Salimans 2022). The MMD term
+   (InfoVAE, Zhao et al. 2019) shapes q(s) = E_x q(s|x), where prior draws land, which the per-image KL bounds but
+   does not shape (StyleEncoder.prior_mmd).
 2. `generate`: DDIM (Song et al. 2021, eq. 12) with classifier-free guidance (Ho & Salimans 2022) in ONE batched
    U-Net call per step, eps_hat = eps(z_t, c_neg, s) + w * (eps(z_t, c, s) - eps(z_t, c_neg, s)); the style s from
    the prior N(0, tau^2 I) ("unprompted embeddings"), a class's aggregated posterior, a reference image, or given
-   (StyleChoice, make_style). Choice made here: BOTH halves get the same style, so guidance acts on the text only and
-   the style is never amplified by w; training matches it (text dropout keeps the style, style dropout is drawn
-   independently). Beyond the paper: style guidance w_s != 1 samples p(x) p(c|x)^w p(s|x,c)^w_s (Liu et al. 2022's
-   product, "Compositional Visual Generation", by the chain rule, as InstructPix2Pix, Brooks et al. 2023, eq. 3):
+   (StyleChoice, make_style). BOTH halves get the same style, so guidance acts on the text only; training matches it
+   (text dropout keeps the style). Beyond the paper: style guidance w_s != 1 samples p(x) p(c|x)^w p(s|x,c)^w_s
+   (Liu et al. 2022's product by the chain rule, as InstructPix2Pix, Brooks et al. 2023, eq. 3):
        eps_hat = eps(c_neg, 0) + w * (eps(c, 0) - eps(c_neg, 0)) + w_s * (eps(c, s) - eps(c, 0))   (0: no style)
-   in 3 parts; w_s = 0: no style; w_s = 1 keeps the 2-part form (equal where the style's effect does not depend on
-   the text). CADS condition noise on c (Sadat et al. 2024): condition_annealing.
+   and CADS condition noise on c (Sadat et al. 2024): condition_annealing.
 3. The per-class style posteriors and the diagnostics of the style latent (style_stats.py), kept with the model.
 
-Left out: img2img/inpainting, other samplers than DDIM, guidance rescale (LoRA: lora.py). A CLUE without a style encoder
+Left out: img2img/inpainting, other samplers than DDIM, guidance rescale. A CLUE without a style encoder
 (`style=None`) is plain Stable Diffusion: that is how sample.py does text-to-image.
 """
 from __future__ import annotations

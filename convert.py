@@ -1,11 +1,10 @@
 """Stable Diffusion 1.x / 2.x weights in public formats -> our modules; `python convert.py SRC OUT_DIR` -> our format.
 
-A diffusers folder (our U-Net and VAE use diffusers' names, its configs are translated), an original single file (the
-CompVis / Stability "ldm" layout: sizes from shapes, the rest from arguments with SD's defaults) or our own folder
-(checkpoint.py): each is renamed by a few regex rules, the tensor transforms named (CLIP's q/k/v -> in_proj, the ldm
-VAE's 1x1 convs -> Linear), and ends in checkpoint.py's audit. SDXL, SD3, Flux, inpainting, instruct-pix2pix,
-class-conditioned U-Nets, LoRA and ControlNet files are refused, saying so (our LoRA folders load on their base, any
-source). A Hugging Face repo id is fetched first (huggingface_hub)."""
+A diffusers folder (configs translated; our U-Net and VAE use its names), an original "ldm" single file (sizes from
+shapes, the rest from arguments with SD's defaults) or our own folder (checkpoint.py; a Hugging Face repo id is fetched
+first): a few regex rules rename each, the transforms named (CLIP's q/k/v -> in_proj, the ldm VAE's 1x1 convs ->
+Linear), then checkpoint.py's audit. SDXL, SD3, Flux, inpainting, pix2pix, class-conditioned, LoRA and ControlNet
+files are refused, saying so (our LoRA folders load on their base, any source)."""
 from __future__ import annotations
 
 import argparse
@@ -196,8 +195,7 @@ def _load_diffusers_folder(folder: Path, prediction_type, style: bool) -> Stable
                            lambda d, f: text_config_from_hf(d, mode=_text_mode(folder, d)))[1]
     scheduler_file = folder / "scheduler/scheduler_config.json"
     sched = read_json(scheduler_file)
-    if sched.get("trained_betas") is not None or sched.get("rescale_betas_zero_snr"):
-        raise CheckpointError(f"{scheduler_file}: trained_betas / rescale_betas_zero_snr are not supported")
+    check_fixed(sched, dict(trained_betas=None, rescale_betas_zero_snr=False), scheduler_file)
     notes = [f"text encoder: {text_cfg.act}, pad {text_cfg.pad}"]
     odd = {k: sched[k] for k, v in (("timestep_spacing", "leading"), ("clip_sample", False), ("thresholding", False))
            if sched.get(k, v) != v}

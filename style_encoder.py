@@ -1,10 +1,8 @@
 """The KL Style Encoder of CLUE (Park et al., arXiv 2511.10993): image latent + prompt -> Gaussian style tokens.
 
-The paper (abstract; PAPER.md) describes a Style Encoder that takes an image and its prompt and produces style
-embeddings, which a new second cross-attention layer of the U-Net reads; a Kullback-Leibler term pulls the style
-latent towards a Gaussian, so that at generation time "unprompted" style embeddings can be drawn from N(0, I). The
-architecture below is this project's reading (DESIGN.md, "CLUE as this project implements it"); the paper does not
-publish its layers.
+The paper's Style Encoder maps an image and its prompt to style embeddings that a second cross-attention layer of
+the U-Net reads, with a KL term towards N(0, I) so that "unprompted" styles can be drawn at generation time. It does
+not publish its layers; the architecture is this project's reading (DESIGN.md, "CLUE as this project implements it"):
 
     z0 (B,C,h,w) --conv stem, patch p--> patch tokens (B, ceil(h/p)*ceil(w/p), W) + 2-D sin/cos positions
     c  (B,77,D)  --LayerNorm, Linear--> text tokens (B, 77, W)
@@ -17,10 +15,9 @@ The encoder is the approximate posterior q(s | z0, c) = N(mu, diag sigma^2) of a
 dimension (clue.py averages and weights it), `prior_mmd` compares a whole batch's styles (the aggregated posterior)
 with the prior, which the per-image KL cannot do.
 
-Initialisation: the logvar head is zero (sigma = 1 for every input); the mu head keeps PyTorch's default init
-(|mu| ~ 0.6 per dimension), so that the diffusion loss sees a style signal to amplify from the first step. log
-sigma^2 is clamped (LOGVAR_MIN, LOGVAR_MAX) as ldm clamps its VAE posterior. Left out: attention masks for the
-padded prompt tokens (SD's U-Net attends to all 77, and so does this encoder).
+Initialisation: the logvar head is zero (sigma = 1); the mu head keeps PyTorch's default (|mu| ~ 0.6 per dimension),
+so the diffusion loss sees a style signal from the first step. log sigma^2 is clamped as ldm clamps its VAE posterior.
+Left out: attention masks for the padded prompt tokens (SD's U-Net attends to all 77, and so does this encoder).
 """
 from __future__ import annotations
 

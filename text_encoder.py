@@ -11,13 +11,12 @@ on CLIP's pooled text embedding. Two towers are in use:
           final LayerNorm; a converter drops the 24th block's weights. Prompts are zero-padded.
 
 Each block is pre-norm:  x = x + attn(ln_1(x), causal mask);  x = x + mlp(ln_2(x)),  mlp = c_proj(act(c_fc)).
-The module is open_clip's own `TextTransformer` (so open_clip's parameter names) with our own forward, which returns
-all token states: the diffusers SD pipelines' prompt embeddings, transformers `CLIPTextModel(...).last_hidden_state`
-of the 12-layer (SD 1) or 23-layer (SD 2) model. The tokenizer is open_clip's byte-level BPE (bundled: offline).
-
-Left out: CLIP's pooling and `text_projection` (SD never uses them: no such weight exists), the attention mask for
-padding (SD pipelines pass none: the causal mask alone keeps real tokens blind to the padding after them), prompt
-weighting and prompts longer than 77 tokens (truncated, keeping the end token, as the SD tokenizers do).
+The module is open_clip's `TextTransformer` (its parameter names) with our own forward, which returns all token
+states: the SD pipelines' prompt embeddings, `CLIPTextModel(...).last_hidden_state` of the 12-layer (SD 1) or 23-layer
+(SD 2) model. The tokenizer is open_clip's byte-level BPE (bundled: offline). Left out: CLIP's pooling and
+`text_projection` (SD never uses them), the attention mask for padding (SD pipelines pass none: the causal mask keeps
+real tokens blind to the padding after them), prompt weighting, prompts over 77 tokens (truncated, keeping the end
+token, as the SD tokenizers do).
 """
 from __future__ import annotations
 

@@ -12,11 +12,9 @@ whose output projection starts at zero, so a converted SD model with the branch 
 
 Module names equal diffusers' `UNet2DConditionModel`, so its state dict loads unchanged and only the new
 `norm_style` / `attn_style` parameters are left over. The pieces, bottom-up: timestep_embedding, ResnetBlock,
-Downsample / Upsample, Attention, FeedForward (GEGLU), BasicTransformerBlock, Transformer2D, UNet.
-
-Left out (SD never uses them): class/added conditioning, attention masks, dropout, ControlNet residual inputs,
-the SDXL / upscaler variants. Initialisation is PyTorch's default, as diffusers' from-scratch init (ldm would also
-zero proj_out / conv2 / conv_out); only the new style branch is zero-initialised, as it must start as an identity.
+Downsample / Upsample, Attention, FeedForward (GEGLU), BasicTransformerBlock, Transformer2D, UNet. Left out (SD never
+uses them): class/added conditioning, attention masks, dropout, ControlNet residuals, the SDXL / upscaler variants.
+Initialisation is PyTorch's default, as diffusers' from-scratch init (ldm would also zero proj_out / conv2 / conv_out).
 """
 import math
 from dataclasses import dataclass
