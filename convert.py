@@ -195,7 +195,8 @@ def _load_diffusers_folder(folder: Path, prediction_type, style: bool) -> Stable
                            lambda d, f: text_config_from_hf(d, mode=_text_mode(folder, d)))[1]
     scheduler_file = folder / "scheduler/scheduler_config.json"
     sched = read_json(scheduler_file)
-    check_fixed(sched, dict(trained_betas=None, rescale_betas_zero_snr=False), scheduler_file)
+    if sched.get("trained_betas") is not None or sched.get("rescale_betas_zero_snr"):
+        raise CheckpointError(f"{scheduler_file}: trained_betas / rescale_betas_zero_snr are not supported")
     notes = [f"text encoder: {text_cfg.act}, pad {text_cfg.pad}"]
     odd = {k: sched[k] for k, v in (("timestep_spacing", "leading"), ("clip_sample", False), ("thresholding", False))
            if sched.get(k, v) != v}
