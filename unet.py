@@ -205,10 +205,6 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def _skip_style(style, style_scale):
-    return style is None or (not torch.is_tensor(style_scale) and style_scale == 0)
-
-
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block on the H*W tokens: self-attention, text cross-attention, CLUE style
     cross-attention (when built), feed-forward; each added to the residual stream h."""
@@ -231,7 +227,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, h, context, style=None, style_scale=1.0):
         h = h + self.attn1(self.norm1(h))                        # self-attention over the H*W tokens
         h = h + self.attn2(self.norm2(h), context)               # text cross-attention
-        if self.attn_style is not None and not _skip_style(style, style_scale):
+        if self.attn_style is not None and style is not None and (torch.is_tensor(style_scale) or style_scale != 0):
             h = h + style_scale * self.attn_style(self.norm_style(h), style)   # CLUE: style cross-attention
         return h + self.ff(self.norm3(h))
 
