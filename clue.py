@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import style_stats
-from schedulers import SD_SAMPLER, DDIMSampler, NoiseSchedule, randn_cpu, sd_image_size
+from schedulers import SD_SAMPLER, DDIMSampler, NoiseSchedule, randn_cpu
 from style_encoder import StyleConfig, StyleEncoder
 from text_encoder import TextConfig, TextEncoder, tokenize
 from unet import UNet, UNetConfig
@@ -179,9 +179,8 @@ class CLUE(nn.Module):
             raise ValueError(f"StyleConfig(context_dim={style_cfg.context_dim}, latent_channels="
                              f"{style_cfg.latent_channels}) must match the U-Net (context_dim={unet.cfg.context_dim}, "
                              f"in_channels={unet.cfg.in_channels})")
-        image_size = getattr(sd, "image_size", None) or sd_image_size(sd.prediction_type)
         clue_cfg = replace(clue_cfg or CLUEConfig(), prediction_type=sd.prediction_type,
-                           scale_factor=float(sd.scale_factor), **({} if clue_cfg else {"image_size": image_size}))
+                           scale_factor=float(sd.scale_factor), **({} if clue_cfg else {"image_size": sd.image_size}))
         style = StyleEncoder(style_cfg).to(next(unet.parameters()).device) if use_style else None
         return cls(sd.vae, sd.text_encoder, unet, style, sd.schedule, clue_cfg, sd.sampler_config)
 
@@ -198,8 +197,7 @@ class CLUE(nn.Module):
         `style=None` or tokens=0: the vanilla baseline; `schedule`: NoiseSchedule arguments (default SD's)."""
         unet, vae, text = unet or UNetConfig.tiny(), vae or VAEConfig.tiny(), text or TextConfig.tiny()
         clue = clue or CLUEConfig.tiny(scale_factor=vae.scale_factor)
-        if isinstance(style, str):
-            style = StyleConfig.tiny() if style == "tiny" else None
+        style = StyleConfig.tiny() if isinstance(style, str) and style == "tiny" else style
         use_style = style is not None and style.tokens > 0
         sched = NoiseSchedule(**{**(schedule or {}), "prediction_type": clue.prediction_type})
         return cls(VAE(vae), TextEncoder(text), UNet(replace(unet, style=use_style)),
@@ -241,12 +239,11 @@ class CLUE(nn.Module):
 
     def kl_weight(self, step: int) -> tuple[float, float]:
         """(weight, capacity) at a training step: beta with linear warm-up, or gamma with C ramped linearly."""
-        c = self.cfg
+        c, ramp = self.cfg, lambda steps: min(1.0, step / steps) if steps > 0 else 1.0
         if c.kl_mode == "beta":
-            return c.beta * (min(1.0, step / c.beta_warmup_steps) if c.beta_warmup_steps > 0 else 1.0), 0.0
+            return c.beta * ramp(c.beta_warmup_steps), 0.0
         if c.kl_mode == "capacity":
-            ramp = min(1.0, step / c.capacity_ramp_steps) if c.capacity_ramp_steps > 0 else 1.0
-            return c.gamma, c.capacity * ramp
+            return c.gamma, c.capacity * ramp(c.capacity_ramp_steps)
         raise ValueError(f"CLUEConfig.kl_mode must be 'beta' or 'capacity', got {c.kl_mode!r}")
 
     def loss(self, batch, step: int = 0, generator: torch.Generator | None = None):
@@ -341,9 +338,8 @@ class CLUE(nn.Module):
                              "it before saving) or use the prior")
         if choice.classes is None or len(choice.classes) != n:
             raise ValueError(f"StyleChoice({choice.source!r}) needs classes=[a class per image] ({n}); known: {known}")
-        for name in choice.classes:
-            if str(name) not in self.style_posterior:
-                raise ValueError(f"class {name!r} not in the style posterior; known: {known}")
+        if unknown := [name for name in choice.classes if str(name) not in self.style_posterior]:
+            raise ValueError(f"class {unknown[0]!r} not in the style posterior; known: {known}")
         return [self.style_posterior[str(name)] for name in choice.classes]
 
     def _posterior_style(self, choice: StyleChoice, n: int, generator) -> torch.Tensor:
@@ -374,11 +370,10 @@ class CLUE(nn.Module):
                  *, seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output: str = "image", progress: bool = True) -> torch.Tensor:
         """Text(-and-style)-to-image, one image per prompt: DDIM with guidance (`sampling`, default Sampling()), the
-        style tokens from `style` (StyleChoice; None: no style branch). The initial latents z_T (B,4,h,w) are `latents`
-        or drawn from `generator` (or a CPU generator seeded with `seed`, or the global RNG); style draws come next from
-        the same generator, or from their own when StyleChoice.seed is given (fixed noise, varying style); CADS noise
-        (Sampling.condition_noise) is drawn from `generator` at each step where it acts.
-        Returns images in [0, 1] (B,3,H,W), or for output="latent" the final scaled latents (decode_latents)."""
+        style tokens from `style` (StyleChoice; None: no style branch) -> images in [0, 1] (B,3,H,W), or the final
+        scaled latents for output="latent". Random draws, in order: z_T (B,4,h,w) unless `latents` are given, from
+        `generator` (or a CPU one seeded with `seed`, or the global RNG), the style (StyleChoice.seed: its own RNG),
+        CADS noise at each step where it acts."""
         sp = sampling or Sampling()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         B, dev = len(prompts), self.device

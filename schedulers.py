@@ -17,11 +17,10 @@ Papers and notation:
   v-prediction  Salimans & Ho 2022, "Progressive Distillation" (arXiv 2202.00512), Sec. 4: v = sqrt(alpha_bar_t) eps
         - sqrt(1 - alpha_bar_t) x_0 (velocity), hence x_0 and eps from v (predict_x0_eps).
 
-Stable Diffusion's settings are the defaults here (SD_SCHEDULE, SD_SAMPLER: diffusers' SD scheduler configs); x0_pred
-is never clipped. The schedule is computed once in float64 and kept as float32 tensors; t (B,) indexes per sample.
-
-Left out: other beta schedules (cosine), zero-terminal-SNR rescaling, "trailing"/"linspace" spacing, thresholding
-and clipping of x0_pred, learned variances, "sample" prediction.
+Stable Diffusion's settings are the defaults here (SD_SCHEDULE, SD_SAMPLER: diffusers' SD scheduler configs). The
+schedule is computed once in float64 and kept as float32 tensors; t (B,) indexes per sample. Left out: other beta
+schedules (cosine), zero-terminal-SNR rescaling, "trailing"/"linspace" spacing, thresholding and clipping of x0_pred,
+learned variances, "sample" prediction.
 """
 from __future__ import annotations
 

@@ -5,11 +5,9 @@ diagonal Gaussian posterior q(z|x) = N(mu, sigma^2) with "KL-reg." (a small KL(q
 training), a decoder D maps z back to pixels. The diffusion model works on z * scale_factor (0.18215 for SD 1.x/2.x,
 chosen so the scaled latents have about unit variance); this module returns and takes UNSCALED z, as diffusers.
 
-Module names equal diffusers' `AutoencoderKL`, so its state dict loads unchanged. Resnets are unet.py's ResnetBlock
-without a time embedding; the encoder's Downsample pads right/bottom by one and convolves with stride 2 and no
-padding (ldm); the mid-block attention is single-head self-attention over the H*W pixels with q/k/v biases.
-
-Left out: the training losses of the autoencoder (LPIPS, patch discriminator), tiling/slicing for large images.
+Module names equal diffusers' `AutoencoderKL`, so its state dict loads unchanged. The blocks are unet.py's (ResnetBlock
+without a time embedding, the padded Downsample of ldm, Attention). Left out: the autoencoder's training losses (LPIPS,
+patch discriminator), tiling/slicing for large images.
 """
 from dataclasses import dataclass
 
