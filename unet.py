@@ -135,9 +135,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x):
-        if self.asymmetric_pad:
-            x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric_pad else x)
 
 
 class Upsample(nn.Module):

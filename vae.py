@@ -31,8 +31,7 @@ class VAEConfig:
 
     def __post_init__(self):
         self.block_channels = tuple(self.block_channels)
-        bad = [c for c in self.block_channels if c % self.norm_groups]
-        if bad:
+        if bad := [c for c in self.block_channels if c % self.norm_groups]:
             raise ValueError(f"VAEConfig: widths {bad} are not divisible by norm_groups={self.norm_groups}")
 
     @property
