@@ -57,7 +57,9 @@ def probability(text: str) -> float:
 
 
 def torch_device(text: str) -> str:
-    """A torch device this machine has: cpu, cuda, cuda:1, mps."""
+    """A torch device this machine has: cpu, cuda, cuda:1, mps; "auto" is cuda when there is one, else cpu."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(text)
     except RuntimeError:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from checkpoint import atomic_write, atomic_write_json, load_vae, save_clue, write_folder_atomically
 from cli import (UsageError, comma_list, finite_float, non_negative_float, non_negative_int, output_folder,
-                 positive_float, positive_int, probability, run)
+                 positive_float, positive_int, probability, run, torch_device)
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice
 from convert import load_stable_diffusion
 from data import ClassFolderDataset, DataError, default_prompt_template, make_grid, resolve_data
@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast on GPU")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute U-Net blocks in backward")
     g.add_argument("--seed", type=non_negative_int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--device", type=torch_device, default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: LOCAL_RANK)")
     g = p.add_argument_group("tiny VAE (phase 1 of --preset tiny)")
     g.add_argument("--vae-steps", type=non_negative_int, default=400, help="VAE optimizer steps (default 400)")
     g.add_argument("--vae-lr", type=positive_float, default=2e-3)

@@ -42,14 +42,14 @@ STATE_FILES = {"json_name": "training_state.json", "tensors_name": "training_sta
 
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment variables; one process without them."""
+    """(rank, world size, device): torchrun's environment (a process per GPU, LOCAL_RANK's), else one on --device."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
+    device = torch.device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

@@ -318,7 +318,7 @@ def test_corrupt_image_is_skipped_with_a_warning(data_dir, vae_dir, tmp_path, ca
     ("--checkpoints-total-limit", "0"), ("--checkpoints-total-limit", "-1"), ("--log-every", "0"), ("--steps", "1.5"),
     ("--batch-size", "0"), ("--lr", "nan"), ("--lr", "-1e-3"), ("--text-dropout", "1.5"), ("--ema-decay", "-0.1"),
     ("--max-grad-norm", "inf"), ("--grid-taus", "0,x"), ("--unet-channels", "32,0"), ("--vae-steps", "-5"),
-    ("--seed", "x")])
+    ("--seed", "x"), ("--device", "gpu"), ("--device", "cuda:99")])
 def test_bad_numbers_are_refused_when_parsed(flag, value, tmp_path, capsys):
     """--checkpoints-total-limit 0 used to delete every checkpoint; now no number is used unchecked."""
     code, err = run_cli(["--data", "digits", "--preset", "tiny", "--output", tmp_path / "o", flag, value], capsys)
