@@ -81,10 +81,12 @@ def output_folder(text: str) -> str:
     return text
 
 
-def comma_list(item):
-    """A `type=` for comma-separated values, each checked by `item`: comma_list(non_negative_float)("0,1,2")."""
-    def parse(text: str) -> list:
-        return [item(x) for x in text.split(",")]
+def comma_list(item, as_text: bool = False):
+    """A `type=` for comma-separated values, each checked by `item`: comma_list(non_negative_float)("0,1,2");
+    as_text=True returns the text itself once checked (so it is saved as given)."""
+    def parse(text: str):
+        values = [item(x) for x in text.split(",")]
+        return text if as_text else values
     return parse
 
 

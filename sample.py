@@ -128,12 +128,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(seeds of prior draws at --tau)")
     g.add_argument("--n-interp", type=positive_int, default=8, help="columns of --grid interpolation")
     a = p.parse_args(argv)
-    if a.per_class is not None and a.scale is not None:
-        p.error("give --per-class or --scale, not both")
-    if a.scale is not None and a.data is None:
-        p.error("--scale needs --data (the real class counts)")
-    if a.grid == "interpolation" and a.interpolate is None:
-        p.error("--grid interpolation needs --interpolate A B")
+    dataset_or_grid = a.per_class is not None or a.scale is not None or a.grid is not None
+    for wrong, message in (  # flags that contradict each other, or that the chosen mode would ignore
+        (a.per_class is not None and a.scale is not None, "give --per-class or --scale, not both"),
+        (a.scale is not None and a.data is None, "--scale needs --data (the real class counts)"),
+        (a.grid == "interpolation" and a.interpolate is None, "--grid interpolation needs --interpolate A B"),
+        (a.interpolate is not None and a.grid != "interpolation", "--interpolate A B is for --grid interpolation"),
+        ((a.reference or a.reference_prompt) and a.style != "reference",
+         "--reference / --reference-prompt are for --style reference"),
+        (a.prompt_template is not None and a.data is None, "--prompt-template names --data's classes: give --data"),
+        (a.data is not None and not dataset_or_grid, "--data is for --per-class, --scale or --grid (not --prompt)"),
+        (a.class_name is not None and dataset_or_grid, "--class is for --prompt images; datasets and grids draw "
+                                                       "every class")):
+        if wrong:
+            p.error(message)
     cads = {k: getattr(a, k) for k in ("cads_tau1", "cads_tau2", "cads_psi") if getattr(a, k) is not None}
     if cads and a.condition_noise == 0:
         p.error("--cads-tau1/--cads-tau2/--cads-psi shape the CADS noise: give --condition-noise S > 0 too")

@@ -56,12 +56,6 @@ EXAMPLES = """examples (the first is demo.sh: a tiny CLUE on scikit-learn's digi
 """
 
 
-def unet_widths(text: str) -> str:
-    """--unet-channels 64,128: positive integers, kept as the text (as a checkpoint's saved arguments hold it)."""
-    comma_list(positive_int)(text)
-    return text
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--style-tokens", type=non_negative_int, default=4, help="K style tokens; 0 = vanilla baseline")
     g.add_argument("--style-width", type=positive_int, help="style encoder width (default: its preset)")
     g.add_argument("--style-layers", type=positive_int, help="style encoder layers (default: its preset)")
-    g.add_argument("--unet-channels", type=unet_widths, help="tiny preset: U-Net widths, e.g. 64,128")
+    g.add_argument("--unet-channels", type=comma_list(positive_int, as_text=True),
+                   help="tiny preset: U-Net widths, e.g. 64,128")
     g.add_argument("--freeze-unet", action="store_true", help="train only the style encoder + style attention")
     g.add_argument("--lora-rank", type=positive_int, help="--model: LoRA adapters of rank R on the U-Net attention "
                    "(to_q/k/v/out of attn1, attn2; the rest frozen), saved as a small lora.safetensors")
@@ -93,11 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train the text encoder too (default: yes with --preset tiny, no with --model)")
     g = p.add_argument_group("objective (CLUEConfig)")
     g.add_argument("--kl-mode", choices=("beta", "capacity"), default="capacity", help="beta * KL, or gamma * |KL - C|")
-    g.add_argument("--beta", type=non_negative_float, default=1e-2, help="weight of the KL per dimension (beta mode)")
-    g.add_argument("--beta-warmup-steps", type=non_negative_int, default=0, help="beta ramps up over these steps")
-    g.add_argument("--gamma", type=non_negative_float, default=0.2, help="weight of |KL - C| in capacity mode")
-    g.add_argument("--capacity", type=non_negative_float, default=0.1, help="target KL C, nats per style dimension")
-    g.add_argument("--capacity-ramp-steps", type=non_negative_int, help="C ramps up over these (default steps/2)")
+    g.add_argument("--beta", type=non_negative_float, help="beta mode: weight of the KL per dimension (default 0.01)")
+    g.add_argument("--beta-warmup-steps", type=non_negative_int, help="beta mode: beta ramps up over these (default 0)")
+    g.add_argument("--gamma", type=non_negative_float, help="capacity mode: weight of |KL - C| (default 0.2)")
+    g.add_argument("--capacity", type=non_negative_float, help="capacity mode: target KL C per dimension (default 0.1)")
+    g.add_argument("--capacity-ramp-steps", type=non_negative_int, help="capacity mode: C ramps up (default steps/2)")
     g.add_argument("--mmd-weight", type=non_negative_float, default=0.1, help="lambda of MMD^2(q(s), N(0, I)) (0: off)")
     g.add_argument("--min-snr-gamma", type=positive_float, help="min-SNR loss weighting (5.0 is common)")
     g.add_argument("--text-dropout", type=probability, default=0.1, help="p(prompt -> '') for guidance")
@@ -144,14 +139,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         (a.unet_channels and a.model, "--unet-channels sizes a U-Net from scratch; --model brings its own"),
         (a.lora_rank and not a.model, "--lora-rank adapts pretrained weights (--model); --preset tiny trains in full"),
         (a.lora_alpha and not a.lora_rank, "--lora-alpha needs --lora-rank"),
-        (a.lora_rank and (a.freeze_unet or a.train_text_encoder), "--lora-rank trains the adapters, the style encoder "
-                                                                  "and the style layers: drop --freeze-unet and "
-                                                                  "--train-text-encoder")):
+        (a.kl_mode == "beta" and {a.gamma, a.capacity, a.capacity_ramp_steps} != {None},
+         "--gamma, --capacity and --capacity-ramp-steps are for --kl-mode capacity (the default), not beta"),
+        (a.kl_mode == "capacity" and {a.beta, a.beta_warmup_steps} != {None},
+         "--beta and --beta-warmup-steps are for --kl-mode beta; --kl-mode capacity (the default) takes --gamma"),
+        (a.lora_rank and (a.freeze_unet or a.train_text_encoder),
+         "--lora-rank trains the adapters, the style encoder and the style layers: drop --freeze-unet and "
+         "--train-text-encoder")):
         if wrong:
             p.error(message)
     a.lora_alpha = a.lora_alpha or (float(a.lora_rank) if a.lora_rank else None)
     for name, tiny, sd in (("resolution", 32, 512), ("steps", 2000, 10000), ("batch_size", 32, 4), ("lr", 1e-3, 1e-5),
-                           ("train_text_encoder", True, False)):
+                           ("train_text_encoder", True, False), ("beta", 1e-2, 1e-2), ("beta_warmup_steps", 0, 0),
+                           ("gamma", 0.2, 0.2), ("capacity", 0.1, 0.1)):
         if getattr(a, name) is None:
             setattr(a, name, tiny if a.preset else sd)
     if a.capacity_ramp_steps is None:
@@ -239,8 +239,7 @@ def setup_training(clue, args, dataset, rank, world, device) -> tuple[nn.Module,
 
 # ------------------------------------------------------------------------------------ the step, samples, side work
 def optimizer_step(net, state: TrainingState, args, step: int, autocast) -> dict:
-    """One AdamW step over --grad-accum micro-batches -> its logs, tensors: nothing here waits for the device (the
-    loop reads them, and training_state.check_health checks them, at log, grid and checkpoint steps)."""
+    """One AdamW step over --grad-accum micro-batches -> its logs, tensors: nothing here waits for the device."""
     micro_logs = []
     for micro in range(args.grad_accum):
         batch = {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v
@@ -335,8 +334,7 @@ class SideWork:
 
 def run_steps(net, state: TrainingState, args, step: int, side_work: SideWork) -> int:
     """Optimizer steps from `step` to --steps -> the last step. Losses, gradient norms and weights are checked finite
-    (one device sync) before anything is logged, sampled or saved; the side work runs at --sample-every and
-    --checkpoint-every steps."""
+    (one device sync) before anything is logged, sampled or saved (the side work, every --sample/checkpoint-every)."""
     output, log_file, rank = Path(args.output), Path(args.output) / "log.jsonl", state.rank
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     autocast = torch.autocast(state.device.type, dtype=dtype) if dtype else nullcontext()

@@ -146,6 +146,17 @@ def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
     assert f"argument {flag}" in err
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--interpolate", "1", "2"], "--interpolate A B is for --grid interpolation"),
+    (["--reference", "a.png"], "--style reference"),
+    (["--reference-prompt", "x", "--style", "prior"], "--style reference"),
+    (["--prompt-template", "a {class}", "--per-class", "2"], "give --data"), (["--data", "digits"], "--data is for"),
+    (["--class", "3", "--per-class", "2", "--data", "digits"], "--class is for --prompt")])
+def test_flags_the_mode_would_ignore_are_refused(capsys, flags, says):
+    """Each of these used to be accepted and then ignored by the mode the other flags chose."""
+    assert says in _one_line_error(capsys, ["--model", "unused", "--prompt", "x", *flags])
+
+
 def test_bad_sizes_and_models_end_in_one_line(clue_ckpt, tmp_path, capsys):
     root, data = clue_ckpt
     ckpt = str(root / "ckpt")

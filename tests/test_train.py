@@ -325,6 +325,14 @@ def test_bad_numbers_are_refused_when_parsed(flag, value, tmp_path, capsys):
     assert code == 2 and f"error: argument {flag}:" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags", [["--beta", "0.05"], ["--kl-mode", "beta", "--capacity", "0.2"],
+                                   ["--kl-mode", "beta", "--capacity-ramp-steps", "10"]])
+def test_flags_of_the_other_kl_mode_are_refused(flags, tmp_path, capsys):
+    """--beta under the default capacity objective used to be ignored without a word."""
+    code, err = run_cli(["--data", "digits", "--preset", "tiny", "--output", tmp_path / "o", *flags], capsys)
+    assert code == 2 and "--kl-mode" in err and not (tmp_path / "o").exists()
+
+
 def test_bad_number_from_the_command_line_is_one_line(tmp_path):
     import subprocess
     import sys
