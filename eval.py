@@ -298,6 +298,8 @@ def _classifier_setup(args):
 
 
 def cmd_metrics(args):
+    if args.classifier and args.features == "inception":  # the classifier would be left unused
+        raise UsageError("--classifier DIR gives classifier features: add --features classifier (default: inception)")
     if args.features == "inception":
         extractor = InceptionFeatures(args.inception_weights, args.device)
     elif not args.classifier:

@@ -213,6 +213,9 @@ def test_bad_inputs_end_in_one_line(tmp_path, capsys):
     # --features classifier without --classifier: a usage error
     err = _one_line_error(capsys, ["metrics", "--real", folder, "--fake", folder, "--features", "classifier"])
     assert "--classifier DIR" in err
+    # --classifier without --features classifier: refused (it used to compute Inception features, unasked)
+    err = _one_line_error(capsys, ["metrics", "--real", folder, "--fake", folder, "--classifier", "x"])
+    assert "add --features classifier" in err
     # a classifier folder whose config.json is broken: the file is named
     ckpt = tmp_path / "clf"
     ev.main(["train-classifier", "--train", make_toy_folder(tmp_path / "t", 2, seed=1), "--out", str(ckpt),
