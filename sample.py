@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="style guidance scale w_s: eps(c, no style) + w_s (eps(c, s) - eps(c, no style)), composed "
                         "with --guidance (clue.py); 1 (default): the style as it is, 0: no style, > 1: more style")
     g.add_argument("--style-seed", type=non_negative_int, default=None,
-                   help="separate seed of the style draws (fixed noise, varying style); default: drawn after the noise")
+                   help="--grid classes-x-styles: seed of the columns' style draws (default: --seed + 1)")
     g.add_argument("--reference", default=None, help="reference image for --style reference")
     g.add_argument("--reference-prompt", default=None, help="prompt of the reference image (default: the prompt)")
     g.add_argument("--class", dest="class_name", default=None,
@@ -134,6 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         (a.scale is not None and a.data is None, "--scale needs --data (the real class counts)"),
         (a.grid == "interpolation" and a.interpolate is None, "--grid interpolation needs --interpolate A B"),
         (a.interpolate is not None and a.grid != "interpolation", "--interpolate A B is for --grid interpolation"),
+        (a.style_seed is not None and a.grid != "classes-x-styles", "--style-seed is for --grid classes-x-styles"),
         ((a.reference or a.reference_prompt) and a.style != "reference",
          "--reference / --reference-prompt are for --style reference"),
         (a.prompt_template is not None and a.data is None, "--prompt-template names --data's classes: give --data"),
