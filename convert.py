@@ -490,6 +490,8 @@ def main(argv=None) -> None:
                    help="single files with EMA weights: take the raw (non-EMA) U-Net weights instead")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
     a = p.parse_args(argv)
+    if a.no_ema and not Path(a.src).is_file():
+        p.error(f"--no-ema picks a single file's raw U-Net; {a.src} is not a file (folders hold one U-Net)")
     out, dtype = Path(a.out_dir), torch.float16 if a.half else None
     sd = load_stable_diffusion(a.src, prediction_type=a.prediction_type, use_ema=not a.no_ema)
     if "clue" in sd.extra_config:  # a CLUE checkpoint: rebuilt and checked as one, so that what is written loads

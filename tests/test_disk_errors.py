@@ -55,6 +55,13 @@ def run_convert(capsys, *argv) -> str:
     return err
 
 
+def test_no_ema_on_a_folder_is_refused(clue_dir, tmp_path, capsys):
+    """--no-ema picks between a single file's two U-Nets; on a folder it used to be accepted and ignored."""
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(clue_dir), str(tmp_path / "out"), "--no-ema"])
+    assert e.value.code == 2 and "--no-ema" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_round_trip_and_convert_of_a_good_clue_checkpoint(clue_dir, tmp_path, capsys):
     back = load_clue(clue_dir)
     assert back.train_config == {"steps": 1} and list(back.style_posterior) == ["zero"]
