@@ -140,7 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         (a.prompt_template is not None and a.data is None, "--prompt-template names --data's classes: give --data"),
         (a.data is not None and not dataset_or_grid, "--data is for --per-class, --scale or --grid (not --prompt)"),
         (a.class_name is not None and dataset_or_grid, "--class is for --prompt images; datasets and grids draw "
-                                                       "every class")):
+                                                       "every class"),
+        (a.num_images is not None and dataset_or_grid, "--num-images is for --prompt images (datasets: --per-class)"),
+        (a.prompt and a.data is not None and dataset_or_grid, "--prompt with --data: the classes' prompts come from "
+                                                              "--prompt-template; drop --prompt")):
         if wrong:
             p.error(message)
     cads = {k: getattr(a, k) for k in ("cads_tau1", "cads_tau2", "cads_psi") if getattr(a, k) is not None}

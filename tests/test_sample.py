@@ -152,7 +152,9 @@ def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
     (["--reference", "a.png"], "--style reference"),
     (["--reference-prompt", "x", "--style", "prior"], "--style reference"),
     (["--prompt-template", "a {class}", "--per-class", "2"], "give --data"), (["--data", "digits"], "--data is for"),
-    (["--class", "3", "--per-class", "2", "--data", "digits"], "--class is for --prompt")])
+    (["--class", "3", "--per-class", "2", "--data", "digits"], "--class is for --prompt"),
+    (["--num-images", "3", "--per-class", "2"], "--num-images is for --prompt"),
+    (["--grid", "classes-x-styles", "--data", "digits"], "drop --prompt")])
 def test_flags_the_mode_would_ignore_are_refused(capsys, flags, says):
     """Each of these used to be accepted and then ignored by the mode the other flags chose."""
     assert says in _one_line_error(capsys, ["--model", "unused", "--prompt", "x", *flags])
