@@ -133,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         (a.per_class is not None and a.scale is not None, "give --per-class or --scale, not both"),
         (a.scale is not None and a.data is None, "--scale needs --data (the real class counts)"),
         (a.grid == "interpolation" and a.interpolate is None, "--grid interpolation needs --interpolate A B"),
+        (a.negative_prompt and a.guidance <= 1, "--negative-prompt is guidance's other half: it needs --guidance > 1"),
         (a.interpolate is not None and a.grid != "interpolation", "--interpolate A B is for --grid interpolation"),
         (a.style_seed is not None and a.grid != "classes-x-styles", "--style-seed is for --grid classes-x-styles"),
         ((a.reference or a.reference_prompt) and a.style != "reference",

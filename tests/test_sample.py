@@ -149,6 +149,7 @@ def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
 @pytest.mark.parametrize("flags, says", [
     (["--interpolate", "1", "2"], "--interpolate A B is for --grid interpolation"),
     (["--style-seed", "3"], "--style-seed is for --grid classes-x-styles"),
+    (["--negative-prompt", "blurry", "--guidance", "1"], "--guidance > 1"),
     (["--reference", "a.png"], "--style reference"),
     (["--reference-prompt", "x", "--style", "prior"], "--style reference"),
     (["--prompt-template", "a {class}", "--per-class", "2"], "give --data"), (["--data", "digits"], "--data is for"),
