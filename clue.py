@@ -23,7 +23,7 @@ file composes the parts (vae.py, text_encoder.py, unet.py, style_encoder.py, sch
    (text dropout keeps the style). Beyond the paper: style guidance w_s != 1 samples p(x) p(c|x)^w p(s|x,c)^w_s
    (Liu et al. 2022's product by the chain rule, as InstructPix2Pix, Brooks et al. 2023, eq. 3):
        eps_hat = eps(c_neg, 0) + w * (eps(c, 0) - eps(c_neg, 0)) + w_s * (eps(c, s) - eps(c, 0))   (0: no style)
-   and CADS condition noise on c (Sadat et al. 2024): condition_annealing.
+   (w_s = 1 runs the 2-part form: the same where the style acts alike with any text). CADS: condition_annealing.
 3. The per-class style posteriors and the diagnostics of the style latent (style_stats.py), kept with the model.
 
 Left out: img2img/inpainting, other samplers than DDIM, guidance rescale. A CLUE without a style encoder
