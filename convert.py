@@ -456,8 +456,9 @@ def load_stable_diffusion(path, prediction_type: str | None = None, use_ema: boo
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (expected a diffusers folder, a .safetensors / "
                                 f".ckpt file or a folder written by convert.py)")
-    if path.is_dir() and (unet_heads is not None or text_heads is not None):
-        raise ValueError(f"{path}: unet_heads / text_heads apply to single files only; folders carry their configs")
+    if path.is_dir() and (unet_heads is not None or text_heads is not None or not use_ema):
+        raise ValueError(f"{path}: use_ema=False, unet_heads, text_heads apply to single files only; folders carry "
+                         "their configs and one U-Net")
     if path.is_file():
         model = from_ldm_state_dict(read_state_dict(path), path, prediction_type, use_ema, bool(style), unet_heads,
                                     text_heads)

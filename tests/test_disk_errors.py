@@ -60,6 +60,8 @@ def test_no_ema_on_a_folder_is_refused(clue_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         convert.main([str(clue_dir), str(tmp_path / "out"), "--no-ema"])
     assert e.value.code == 2 and "--no-ema" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="use_ema=False, unet_heads, text_heads apply to single files only"):
+        load_stable_diffusion(clue_dir, use_ema=False)  # the Python API: refused as unet_heads / text_heads are
 
 
 def test_round_trip_and_convert_of_a_good_clue_checkpoint(clue_dir, tmp_path, capsys):
