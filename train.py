@@ -113,10 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--device", type=torch_device, default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: LOCAL_RANK)")
     g = p.add_argument_group("tiny VAE (phase 1 of --preset tiny)")
-    g.add_argument("--vae-steps", type=non_negative_int, default=400, help="VAE optimizer steps (default 400)")
-    g.add_argument("--vae-lr", type=positive_float, default=2e-3)
-    g.add_argument("--vae-batch-size", type=positive_int, default=32)
-    g.add_argument("--vae-kl-weight", type=non_negative_float, default=1e-4, help="KL weight (per latent element)")
+    g.add_argument("--vae-steps", type=non_negative_int, help="VAE optimizer steps (default 400)")
+    g.add_argument("--vae-lr", type=positive_float, help="(default 2e-3)")
+    g.add_argument("--vae-batch-size", type=positive_int, help="(default 32)")
+    g.add_argument("--vae-kl-weight", type=non_negative_float, help="KL weight per latent element (default 1e-4)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output", type=output_folder, default="runs/clue", help="run folder (default runs/clue)")
     g.add_argument("--log-every", type=positive_int, default=10, help="log line every N steps")
@@ -134,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for wrong, message in (  # flags that contradict each other
         (a.model is None and a.preset is None, "give --model PATH (fine-tune SD) or --preset tiny (from scratch)"),
         (a.vae and (a.model or not a.preset), "--vae is for --preset tiny (a fine-tune takes the VAE from --model)"),
+        ((a.model or a.vae) and {a.vae_steps, a.vae_lr, a.vae_batch_size, a.vae_kl_weight} != {None},
+         "--vae-steps, --vae-lr, --vae-batch-size and --vae-kl-weight train phase 1 of --preset tiny; with --model or "
+         "--vae there is no phase 1"),
         (a.prompt is not None and "{class}" not in a.prompt, f"--prompt {a.prompt!r} needs a {{class}} placeholder"),
         (a.freeze_unet and a.style_tokens == 0, "--freeze-unet with --style-tokens 0 leaves nothing to train"),
         (a.unet_channels and a.model, "--unet-channels sizes a U-Net from scratch; --model brings its own"),
@@ -151,7 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.lora_alpha = a.lora_alpha or (float(a.lora_rank) if a.lora_rank else None)
     for name, tiny, sd in (("resolution", 32, 512), ("steps", 2000, 10000), ("batch_size", 32, 4), ("lr", 1e-3, 1e-5),
                            ("train_text_encoder", True, False), ("beta", 1e-2, 1e-2), ("beta_warmup_steps", 0, 0),
-                           ("gamma", 0.2, 0.2), ("capacity", 0.1, 0.1)):
+                           ("gamma", 0.2, 0.2), ("capacity", 0.1, 0.1), ("vae_steps", 400, 400),
+                           ("vae_lr", 2e-3, 2e-3), ("vae_batch_size", 32, 32), ("vae_kl_weight", 1e-4, 1e-4)):
         if getattr(a, name) is None:
             setattr(a, name, tiny if a.preset else sd)
     if a.capacity_ramp_steps is None:

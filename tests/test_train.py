@@ -333,6 +333,19 @@ def test_flags_of_the_other_kl_mode_are_refused(flags, tmp_path, capsys):
     assert code == 2 and "--kl-mode" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags", [["--vae", "v", "--vae-steps", "10"], ["--model", "m", "--vae-lr", "1e-3"],
+                                   ["--vae", "v", "--vae-batch-size", "8"], ["--model", "m", "--vae-kl-weight", "0"]])
+def test_vae_phase_flags_without_a_vae_phase_are_refused(flags, tmp_path, capsys):
+    """--vae-steps beside --vae (a trained VAE reused) or --model (SD's VAE) used to be ignored without a word."""
+    code, err = run_cli(["--data", "digits", "--preset", "tiny", "--output", tmp_path / "o", *flags], capsys)
+    assert code == 2 and "there is no phase 1" in err and not (tmp_path / "o").exists()
+
+
+def test_vae_phase_defaults_fill_in_when_there_is_a_phase_1():
+    args = train.parse_args(["--data", "digits", "--preset", "tiny", "--vae-lr", "1e-3"])
+    assert (args.vae_steps, args.vae_lr, args.vae_batch_size, args.vae_kl_weight) == (400, 1e-3, 32, 1e-4)
+
+
 def test_bad_number_from_the_command_line_is_one_line(tmp_path):
     import subprocess
     import sys
