@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-3 tiny, 1e-5 SD)")
     g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
     g.add_argument("--warmup-steps", type=non_negative_int, default=100, help="linear LR warm-up steps")
-    g.add_argument("--min-lr-ratio", type=non_negative_float, default=0.1, help="cosine ends at lr * this")
+    g.add_argument("--min-lr-ratio", type=non_negative_float, help="cosine ends at lr * this (default 0.1)")
     g.add_argument("--weight-decay", type=non_negative_float, default=1e-2, help="AdamW decoupled weight decay")
     g.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="gradient clipping (0: off)")
     g.add_argument("--ema-decay", type=probability, default=0.999, help="EMA of the weights (0: off)")
@@ -135,31 +135,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         (a.model is None and a.preset is None, "give --model PATH (fine-tune SD) or --preset tiny (from scratch)"),
         (a.vae and (a.model or not a.preset), "--vae is for --preset tiny (a fine-tune takes the VAE from --model)"),
         ((a.model or a.vae) and {a.vae_steps, a.vae_lr, a.vae_batch_size, a.vae_kl_weight} != {None},
-         "--vae-steps, --vae-lr, --vae-batch-size and --vae-kl-weight train phase 1 of --preset tiny; with --model or "
-         "--vae there is no phase 1"),
+         "--vae-steps/-lr/-batch-size/-kl-weight: there is no phase 1 to train with --vae or --model (VAE given)"),
         (a.prompt is not None and "{class}" not in a.prompt, f"--prompt {a.prompt!r} needs a {{class}} placeholder"),
         (a.freeze_unet and a.style_tokens == 0, "--freeze-unet with --style-tokens 0 leaves nothing to train"),
         (a.unet_channels and a.model, "--unet-channels sizes a U-Net from scratch; --model brings its own"),
         (a.lora_rank and not a.model, "--lora-rank adapts pretrained weights (--model); --preset tiny trains in full"),
         (a.lora_alpha and not a.lora_rank, "--lora-alpha needs --lora-rank"),
+        (a.mixed_precision != "no" and not a.device.startswith("cuda"),
+         f"--mixed-precision {a.mixed_precision} is autocast on a GPU; on {a.device} use --mixed-precision no"),
+        (a.min_lr_ratio is not None and a.lr_schedule != "cosine", "--min-lr-ratio is where --lr-schedule cosine ends"),
         (a.kl_mode == "beta" and {a.gamma, a.capacity, a.capacity_ramp_steps} != {None},
          "--gamma, --capacity and --capacity-ramp-steps are for --kl-mode capacity (the default), not beta"),
         (a.kl_mode == "capacity" and {a.beta, a.beta_warmup_steps} != {None},
          "--beta and --beta-warmup-steps are for --kl-mode beta; --kl-mode capacity (the default) takes --gamma"),
         (a.lora_rank and (a.freeze_unet or a.train_text_encoder),
-         "--lora-rank trains the adapters, the style encoder and the style layers: drop --freeze-unet and "
-         "--train-text-encoder")):
+         "--lora-rank trains the adapters and the style parts: drop --freeze-unet and --train-text-encoder")):
         if wrong:
             p.error(message)
     a.lora_alpha = a.lora_alpha or (float(a.lora_rank) if a.lora_rank else None)
-    for name, tiny, sd in (("resolution", 32, 512), ("steps", 2000, 10000), ("batch_size", 32, 4), ("lr", 1e-3, 1e-5),
-                           ("train_text_encoder", True, False), ("beta", 1e-2, 1e-2), ("beta_warmup_steps", 0, 0),
-                           ("gamma", 0.2, 0.2), ("capacity", 0.1, 0.1), ("vae_steps", 400, 400),
-                           ("vae_lr", 2e-3, 2e-3), ("vae_batch_size", 32, 32), ("vae_kl_weight", 1e-4, 1e-4)):
-        if getattr(a, name) is None:
-            setattr(a, name, tiny if a.preset else sd)
-    if a.capacity_ramp_steps is None:
-        a.capacity_ramp_steps = a.steps // 2
+    by_preset = dict(resolution=(32, 512), steps=(2000, 10000), batch_size=(32, 4), lr=(1e-3, 1e-5),  # (tiny, SD)
+                     train_text_encoder=(True, False))
+    fixed = dict(beta=1e-2, beta_warmup_steps=0, gamma=0.2, capacity=0.1, min_lr_ratio=0.1, vae_steps=400, vae_lr=2e-3,
+                 vae_batch_size=32, vae_kl_weight=1e-4)  # parsed as None, so that the checks above see them given
+    defaults = {**{k: v[0] if a.preset else v[1] for k, v in by_preset.items()}, **fixed}
+    vars(a).update({k: v for k, v in defaults.items() if getattr(a, k) is None})
+    a.capacity_ramp_steps = a.steps // 2 if a.capacity_ramp_steps is None else a.capacity_ramp_steps
     return a
 
 
@@ -368,8 +368,6 @@ def run_steps(net, state: TrainingState, args, step: int, side_work: SideWork) -
 # ------------------------------------------------------------------------------------ main
 def train(args, rank, world, device) -> dict:
     # 1. the run folder (without the leftovers of a crash while writing a checkpoint) and the data
-    if args.mixed_precision != "no" and device.type != "cuda":
-        raise UsageError(f"--mixed-precision {args.mixed_precision} needs a GPU; on {device} use --mixed-precision no")
     t_start, output, log_file = time.time(), Path(args.output), Path(args.output) / "log.jsonl"
     if rank == 0:
         (output / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -334,16 +334,20 @@ def test_flags_of_the_other_kl_mode_are_refused(flags, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--vae", "v", "--vae-steps", "10"], ["--model", "m", "--vae-lr", "1e-3"],
-                                   ["--vae", "v", "--vae-batch-size", "8"], ["--model", "m", "--vae-kl-weight", "0"]])
-def test_vae_phase_flags_without_a_vae_phase_are_refused(flags, tmp_path, capsys):
-    """--vae-steps beside --vae (a trained VAE reused) or --model (SD's VAE) used to be ignored without a word."""
+                                   ["--vae", "v", "--vae-batch-size", "8"], ["--model", "m", "--vae-kl-weight", "0"],
+                                   ["--lr-schedule", "constant", "--min-lr-ratio", "0.5"]])
+def test_flags_without_a_phase_or_schedule_to_act_on_are_refused(flags, tmp_path, capsys):
+    """--vae-steps beside --vae (a trained VAE reused) or --model (SD's VAE), --min-lr-ratio with a constant rate:
+    each used to be ignored without a word."""
     code, err = run_cli(["--data", "digits", "--preset", "tiny", "--output", tmp_path / "o", *flags], capsys)
-    assert code == 2 and "there is no phase 1" in err and not (tmp_path / "o").exists()
+    assert code == 2 and ("there is no phase 1" in err or "--lr-schedule cosine" in err)
+    assert not (tmp_path / "o").exists()
 
 
-def test_vae_phase_defaults_fill_in_when_there_is_a_phase_1():
+def test_defaults_of_refusable_flags_fill_in_where_they_act():
     args = train.parse_args(["--data", "digits", "--preset", "tiny", "--vae-lr", "1e-3"])
     assert (args.vae_steps, args.vae_lr, args.vae_batch_size, args.vae_kl_weight) == (400, 1e-3, 32, 1e-4)
+    assert args.min_lr_ratio == 0.1
 
 
 def test_bad_number_from_the_command_line_is_one_line(tmp_path):
@@ -356,9 +360,10 @@ def test_bad_number_from_the_command_line_is_one_line(tmp_path):
     assert "argument --checkpoints-total-limit: '0': must be a positive integer" in proc.stderr
 
 
-def test_mixed_precision_on_cpu_is_one_line(tmp_path, capsys):
+def test_mixed_precision_on_cpu_is_refused_when_parsed(tmp_path, capsys):
     code, err = run_cli(tiny_args("digits", tmp_path / "o", None, "--mixed-precision", "bf16"), capsys)
-    assert code == 2 and err.count("\n") == 1 and "--mixed-precision bf16" in err
+    assert code == 2 and "error: --mixed-precision bf16 is autocast on a GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_data_folder_and_bad_vae_folder_are_one_line(data_dir, tmp_path, capsys):
