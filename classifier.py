@@ -260,6 +260,8 @@ def load_labelled(folder, image_size, class_names=None, progress=True):
     `class_names` (the training set's), labels follow that list; an unknown class is an error, a missing one not."""
     ds = ClassFolderDataset(folder, size=image_size)
     names = list(class_names) if class_names is not None else list(ds.class_names)
+    if len(names) < 2:  # one class: every prediction right, a macro F1 of 1 that measures nothing
+        raise DataError(f"{folder} has one class ({names[0]!r}); a classifier needs two or more class folders")
     unknown = [c for c in ds.class_names if c not in names]
     if unknown:
         raise DataError(f"{folder} has classes {unknown} that the training folder does not have "

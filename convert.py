@@ -368,7 +368,8 @@ def schedule_from_betas(sd: dict, where) -> dict:
     betas = betas.double()
     for cand in (dict(SD_SCHEDULE), dict(SD_SCHEDULE, num_train_timesteps=len(betas),
                                          beta_start=round(float(betas[0]), 8), beta_end=round(float(betas[-1]), 8))):
-        ours = NoiseSchedule(**cand).betas.double()
+        with naming_errors(where):  # stored betas that are no schedule at all (<= 0, > 1) are named
+            ours = NoiseSchedule(**cand).betas.double()
         if ours.shape == betas.shape and torch.allclose(ours, betas, rtol=tolerance, atol=1e-8):
             return cand
     raise CheckpointError(f"{where}: the stored 'betas' ({len(betas)} steps, {float(betas[0]):.6g} .. "

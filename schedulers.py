@@ -17,10 +17,9 @@ Papers and notation:
   v-prediction  Salimans & Ho 2022, "Progressive Distillation" (arXiv 2202.00512), Sec. 4: v = sqrt(alpha_bar_t) eps
         - sqrt(1 - alpha_bar_t) x_0 (velocity), hence x_0 and eps from v (predict_x0_eps).
 
-Stable Diffusion's settings are the defaults here (SD_SCHEDULE, SD_SAMPLER: diffusers' SD scheduler configs). The
-schedule is computed once in float64 and kept as float32 tensors; t (B,) indexes per sample. Left out: other beta
-schedules (cosine), zero-terminal-SNR rescaling, "trailing"/"linspace" spacing, thresholding and clipping of x0_pred,
-learned variances, "sample" prediction.
+Stable Diffusion's settings are the defaults here (SD_SCHEDULE, SD_SAMPLER). The schedule is computed once in
+float64 and kept as float32 tensors; t (B,) indexes per sample. Left out: other beta schedules (cosine), zero-terminal-
+SNR rescaling, "trailing"/"linspace" spacing, thresholding and clipping of x0_pred, learned variances, "sample" output.
 """
 from __future__ import annotations
 
@@ -45,14 +44,16 @@ class NoiseSchedule:
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                  beta_schedule: str = "scaled_linear", prediction_type: str = "epsilon"):
+        if not (prediction_type in PREDICTION_TYPES and 0 < beta_start < beta_end < 1 and num_train_timesteps >= 1):
+            raise ValueError(f"NoiseSchedule: needs prediction_type in {PREDICTION_TYPES}, 0 < beta_start < beta_end < "
+                             f"1, num_train_timesteps >= 1; got {prediction_type!r}, {beta_start}, {beta_end}, "
+                             f"{num_train_timesteps}")
         if beta_schedule == "scaled_linear":  # SD: linear in sqrt(beta)
             betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
         elif beta_schedule == "linear":  # DDPM paper: 1e-4 .. 0.02
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         else:
             raise ValueError(f"NoiseSchedule: beta_schedule must be 'scaled_linear' or 'linear', got {beta_schedule!r}")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"NoiseSchedule: prediction_type must be in {PREDICTION_TYPES}, got {prediction_type!r}")
         self.num_train_timesteps, self.beta_start, self.beta_end = num_train_timesteps, beta_start, beta_end
         self.beta_schedule, self.prediction_type = beta_schedule, prediction_type
         alphas = 1.0 - betas
@@ -212,8 +213,7 @@ class DDPMSampler:
         t_prev = self._prev[t]
         alpha_bar_t = float(self.schedule.alpha_bar64[t])
         alpha_bar_prev = float(self.schedule.alpha_bar64[t_prev]) if t_prev >= 0 else 1.0
-        alpha_t = alpha_bar_t / alpha_bar_prev
-        beta_t = 1 - alpha_t
+        alpha_t, beta_t = alpha_bar_t / alpha_bar_prev, 1 - alpha_bar_t / alpha_bar_prev  # strided: a step t -> t_prev
         x0, _ = self.schedule.predict_x0_eps(model_output, x_t, t)
         # eq. 7: the posterior mean mu_tilde(x_t, x0)
         x_prev = (math.sqrt(alpha_bar_prev) * beta_t / (1 - alpha_bar_t)) * x0 \

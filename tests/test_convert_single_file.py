@@ -207,6 +207,15 @@ def test_unlisted_key_is_reported(ldm_file, tmp_path):
         load_stable_diffusion(path, text_heads=None if kind == "sd1" else 4)
 
 
+@pytest.mark.parametrize("betas,message", [(torch.linspace(0.001, 0.02, 1000), "are not a scaled_linear schedule"),
+                                           (torch.linspace(-0.1, 0.02, 1000), "0 < beta_start < beta_end < 1")])
+def test_stored_betas_that_are_not_sd_schedule_are_named(ldm_file, tmp_path, betas, message):
+    kind, ckpt, _ = ldm_file
+    path = write({**ckpt, "betas": betas}, tmp_path / "m.safetensors", ema=False)
+    with pytest.raises(CheckpointError, match=rf"m.safetensors: .*{message}"):
+        load_stable_diffusion(path, text_heads=None if kind == "sd1" else 4)
+
+
 def test_sdxl_file_refused(tmp_path):
     """An SDXL-shaped file (diffusers' SDXL U-Net in ldm names, CLIP-L and OpenCLIP under conditioner.embedders)."""
     torch.manual_seed(0)

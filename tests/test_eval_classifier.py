@@ -234,6 +234,13 @@ def test_bad_inputs_end_in_one_line(tmp_path, capsys):
     err = _one_line_error(capsys, ["metrics", "--real", folder, "--fake", folder, "--features", "classifier",
                                    "--classifier", str(ckpt), "--k-pr", "6", "--no-cache", "--quiet"])
     assert "need at least 7 images, got 6" in err
+    # a training folder of one class: refused (its macro F1 of 1 would measure nothing), nothing written
+    one = tmp_path / "one"
+    make_toy_folder(tmp_path / "t3", 2, seed=2)
+    os.makedirs(one)
+    os.rename(tmp_path / "t3" / "left", one / "left")
+    err = _one_line_error(capsys, ["train-classifier", "--train", str(one), "--out", str(tmp_path / "c1"), "--quiet"])
+    assert "has one class ('left')" in err and not (tmp_path / "c1" / "config.json").exists()
     # the real entry point: `python eval.py ...` in a fresh interpreter
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "classify", "--train", folder,
                            "--synthetic", folder, "--test", folder, "--seeds", "0"], capture_output=True, text=True)
