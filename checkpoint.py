@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
@@ -180,11 +181,32 @@ def _fields(d, hints: dict, where: str, what: str) -> dict:
     return {k: _checked(v, hints[k], f"{where} {k}") for k, v in d.items()}
 
 
+_AT_LEAST_ZERO = {"beta", "beta_warmup_steps", "gamma", "capacity", "capacity_ramp_steps", "mmd_weight"}
+_FRACTIONS = {"text_dropout", "style_dropout"}  # probabilities
+
+
+def _out_of_range(kw: dict) -> list[str]:
+    """The fields of `kw` whose number (or list) a model cannot be built or trained with: probabilities outside
+    [0, 1], negative loss weights or step counts, sizes, eps or scales <= 0, empty lists, NaN / infinity."""
+    def bad(name, v):
+        if isinstance(v, (list, tuple)):
+            return not v or any(bad(name, x) for x in v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        low_ok = v >= 0 if name in _AT_LEAST_ZERO | _FRACTIONS else v > 0
+        return not (math.isfinite(v) and low_ok and (v <= 1 or name not in _FRACTIONS))
+    return [f"{k}={json.dumps(v)}" for k, v in kw.items() if bad(k, v)]  # as the file writes it
+
+
 def config_from_dict(cls, d, where: str):
-    """A config dataclass back from its JSON object, each field's type checked; fields left out take defaults."""
+    """A config dataclass back from its JSON object, each field's type and range checked; fields left out take
+    defaults."""
     kw, fields = _fields(d, typing.get_type_hints(cls), where, cls.__name__), dataclasses.fields(cls)
     if missing := [f.name for f in fields if f.default is f.default_factory is MISSING and f.name not in kw]:
         raise CheckpointError(f"{where}: {cls.__name__} fields {missing} are missing")
+    if bad := _out_of_range(kw):
+        raise CheckpointError(f"{where}: {cls.__name__} fields {bad} out of range (sizes, eps and scales > 0, loss "
+                              "weights and steps >= 0, dropouts in [0, 1], lists not empty)")
     with naming_errors(where):
         return cls(**kw)
 
@@ -317,6 +339,17 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     prediction_type = prediction_type or top.get("prediction_type") or schedule.get("prediction_type") or "epsilon"
     with naming_errors(where):
         schedule = NoiseSchedule(**{**schedule, "prediction_type": prediction_type})
+    clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue checks it
+    image_size = top.get("image_size") or (clue_size if isinstance(clue_size, int) else None)
+    offset = sampler.get("steps_offset", SD_SAMPLER["steps_offset"])
+    if bad := _out_of_range({k: top[k] for k in ("scale_factor", "image_size") if top.get(k) is not None}):
+        raise CheckpointError(f"{where}: {', '.join(bad)}: must be > 0")
+    if isinstance(image_size, int) and image_size % vae_cfg.downsample_factor:
+        raise CheckpointError(f"{where}: image_size {image_size} is not a multiple of the VAE's downsampling "
+                              f"factor {vae_cfg.downsample_factor}")
+    if not 0 <= offset < schedule.num_train_timesteps:
+        raise CheckpointError(f"{where} [sampler]: steps_offset {offset} must lie in [0, "
+                              f"{schedule.num_train_timesteps - 1}] (the timesteps of the schedule)")
     parts: dict[str, dict] = {}  # {"unet": {name: tensor}, "vae": ..., "style_encoder": ...}
     for k, v in tensors.items():
         head, _, rest = k.partition(".")
@@ -327,7 +360,6 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
         notes.append(f"U-Net: {len(dropped)} style-branch tensors left out (style=False)")
     # Style layers the config says are stored must be in the file; only a branch added here keeps its zero init.
     keep = is_style_param if unet_cfg.style and not stored.style else (lambda name: False)
-    clue_size = isinstance(config.get("clue"), dict) and config["clue"].get("image_size")
     vae_sd, text_sd = parts.pop("vae", {}), parts.pop("text_encoder", {})
     extra = dict(extra_config={k: v for k, v in config.items() if k not in _SD_KEYS},
                  extra_tensors={f"{head}.{k}": v for head, part in parts.items() for k, v in part.items()})
@@ -348,7 +380,7 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
          (*apply_rules(vae_sd, IDENTITY), "VAE (vae.*)", weights),
          (*apply_rules(text_sd, IDENTITY), "text encoder (text_encoder.*)", weights)],
         schedule, folder, scale_factor=float(top.get("scale_factor", vae_cfg.scale_factor)),
-        image_size=int(top.get("image_size") or clue_size or sd_image_size(prediction_type)),
+        image_size=int(image_size or sd_image_size(prediction_type)),
         sampler_config=dict(sampler), source=f"{FORMAT} folder", notes=notes, **extra)
 
 
@@ -401,12 +433,18 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
     if "clue" not in extra:
         raise CheckpointError(f"{folder}: {_NOT_CLUE}")
     clue_cfg = config_from_dict(CLUEConfig, extra["clue"], f"{config_file} [clue]")
+    if clue_cfg.image_size % sd.vae.cfg.downsample_factor:
+        raise CheckpointError(f"{config_file} [clue]: image_size {clue_cfg.image_size} is not a multiple of the VAE's "
+                              f"downsampling factor {sd.vae.cfg.downsample_factor}")
+    train = _checked(extra.get("train"), dict | None, f"{config_file} [train]")
+    _checked((train or {}).get("prompt_template"), str | None, f"{config_file} [train] prompt_template")
     if sd.unet.cfg.style != (extra.get("style") is not None):
         raise CheckpointError(f"{config_file}: unet.style is {sd.unet.cfg.style} but the style section is "
                               f"{'missing' if sd.unet.cfg.style else 'there'}: the checkpoint is inconsistent")
     style_encoder = None
     if sd.unet.cfg.style:
-        style_encoder = StyleEncoder(config_from_dict(StyleConfig, extra["style"], f"{config_file} [style]"))
+        with naming_errors(f"{config_file} [style]"):
+            style_encoder = StyleEncoder(config_from_dict(StyleConfig, extra["style"], f"{config_file} [style]"))
         load_mapped(style_encoder, [(k, k[len("style_encoder."):], t) for k, t in tensors.items()
                                     if k.startswith("style_encoder.")], [], "style encoder (style_encoder.*)", weights)
     with naming_errors(config_file):
@@ -422,7 +460,8 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
                                   "it: model.fit_style_posterior(loader), then save_clue(model, path)")
         model.style_posterior[name] = {"prompt": prompts[i],
                                        **{k: tensors[key].float() for k, key in zip(POSTERIOR_TENSORS, keys)}}
-    model.last_diagnostics, model.train_config = extra.get("diagnostics"), extra.get("train")
+    model.train_config = train
+    model.last_diagnostics = _checked(extra.get("diagnostics"), dict | None, f"{config_file} [diagnostics]")
     return model
 
 

@@ -111,6 +111,21 @@ BROKEN_CONFIGS = {  # what is broken -> what the message says (after the file's 
     "posterior a string": (lambda c: {**c, "style_posterior": "x"}, r"\[style_posterior\]: expected a JSON object"),
     "posterior classes": (set_in("style_posterior", "classes", "zero"), r"posterior\] classes: expected a list"),
     "posterior prompts": (set_in("style_posterior", "prompts", []), r"1 classes but 0 prompts"),
+    # numbers a model cannot be built, trained or sampled with (each ended in a traceback or was taken)
+    "num_heads -1": (set_in("unet", "num_heads", [-1, -1]), r"\[unet\]: UNetConfig fields \['num_heads=\[-1, -1\]'\]"),
+    "no VAE levels": (set_in("vae", "block_channels", []), r"\[vae\]: VAEConfig fields \['block_channels=\[\]'\]"),
+    "no text layers": (set_in("text", "layers", 0), r"\[text\]: TextConfig fields \['layers=0'\] out of range"),
+    "eps NaN": (set_in("unet", "resnet_eps", float("nan")), r"\[unet\]: UNetConfig fields \['resnet_eps=NaN'\]"),
+    "dropout 2": (set_in("clue", "text_dropout", 2.0), r"\[clue\]: CLUEConfig fields \['text_dropout=2.0'\] out of"),
+    "beta < 0": (set_in("clue", "beta", -1.0), r"\[clue\]: CLUEConfig fields \['beta=-1.0'\] out of range"),
+    "style heads 3": (set_in("style", "heads", 3), r"\[style\]: StyleConfig\(width=\d+\) must be a multiple of 4"),
+    "steps_offset -1": (set_in("sampler", "steps_offset", -1), r"\[sampler\]: steps_offset -1 must lie in \[0, 999\]"),
+    "image_size 0": (lambda c: {**c, "image_size": 0}, r"image_size=0: must be > 0"),
+    "image_size 30": (lambda c: {**c, "image_size": 30}, r"image_size 30 is not a multiple of the VAE's downsampling"),
+    "clue image_size": (set_in("clue", "image_size", 30), r"\[clue\]: image_size 30 is not a multiple of the VAE's"),
+    "train a string": (lambda c: {**c, "train": "x"}, r"\[train\]: expected a JSON object, got 'x'"),
+    "prompt_template 5": (set_in("train", "prompt_template", 5), r"\[train\] prompt_template: expected a string"),
+    "diagnostics a list": (lambda c: {**c, "diagnostics": [1]}, r"\[diagnostics\]: expected a JSON object"),
     "kind": (lambda c: {**c, "kind": "classifier"}, r"holds a 'classifier' checkpoint, expected 'stable_diffusion'"),
     "version": (lambda c: {**c, "version": 7}, r"format version 7 is not one this code reads"),
 }
@@ -153,11 +168,14 @@ def test_stored_style_layers_must_be_in_the_file(clue_dir, tmp_path):
 
 def test_config_from_dict_checks_every_type():
     assert config_from_dict(CLUEConfig, {"min_snr_gamma": None, "beta": 1}, "x") == CLUEConfig(beta=1)
+    off = {"beta": 0.0, "mmd_weight": 0, "beta_warmup_steps": 0, "text_dropout": 1.0, "style_dropout": 0.0}
+    assert config_from_dict(CLUEConfig, off, "x") == CLUEConfig(**off)  # 0 (off) and dropout 1 are in range
     assert config_from_dict(UNetConfig, {"attention_levels": [True, False], "block_channels": [32, 64],
                                          "num_heads": [1, 2]}, "x").attention_levels == (True, False)
     for d, message in (({"attention_levels": [1, 0]}, r"x attention_levels\[0\]: expected true or false"),
                        ({"resnet_eps": "1e-5"}, r"x resnet_eps: expected a number, got '1e-5'"),
                        ({"context_dim": 64.0}, r"x context_dim: expected an integer, got 64.0"),
+                       ({"norm_groups": 0, "context_dim": -8}, r"x: UNetConfig fields \['norm_groups=0', 'context_dim"),
                        ("unet", r"x: expected a JSON object \(UNetConfig fields\), got 'unet'")):
         with pytest.raises(CheckpointError, match=message):
             config_from_dict(UNetConfig, d, "x")
