@@ -449,6 +449,7 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
                                     if k.startswith("style_encoder.")], [], "style encoder (style_encoder.*)", weights)
     with naming_errors(config_file):
         model = CLUE(sd.vae, sd.text_encoder, sd.unet, style_encoder, sd.schedule, clue_cfg, sd.sampler_config)
+        model.kl_weight(0)  # refuses a kl_mode training would stop at
     post = _fields(extra.get("style_posterior") or {}, _POSTERIOR, f"{config_file} [style_posterior]", "posterior")
     classes, prompts = post.get("classes", ()), post.get("prompts", ())
     if len(prompts) != len(classes):

@@ -117,6 +117,7 @@ BROKEN_CONFIGS = {  # what is broken -> what the message says (after the file's 
     "no text layers": (set_in("text", "layers", 0), r"\[text\]: TextConfig fields \['layers=0'\] out of range"),
     "eps NaN": (set_in("unet", "resnet_eps", float("nan")), r"\[unet\]: UNetConfig fields \['resnet_eps=NaN'\]"),
     "dropout 2": (set_in("clue", "text_dropout", 2.0), r"\[clue\]: CLUEConfig fields \['text_dropout=2.0'\] out of"),
+    "kl_mode 'x'": (set_in("clue", "kl_mode", "x"), r"CLUEConfig.kl_mode must be 'beta' or 'capacity', got 'x'"),
     "beta < 0": (set_in("clue", "beta", -1.0), r"\[clue\]: CLUEConfig fields \['beta=-1.0'\] out of range"),
     "style heads 3": (set_in("style", "heads", 3), r"\[style\]: StyleConfig\(width=\d+\) must be a multiple of 4"),
     "steps_offset -1": (set_in("sampler", "steps_offset", -1), r"\[sampler\]: steps_offset -1 must lie in \[0, 999\]"),
