@@ -150,9 +150,20 @@ def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "c
                               f"(<= {FORMAT_VERSION}); update the code")
     if kinds and found is not None and found not in kinds:
         raise CheckpointError(f"{config_file}: holds a {found!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
+    if kinds == ("training_state",):  # what train.py's resume reads, every key there and of its type
+        for d, hints, where in ((config, _STATE, config_file), (config.get("data_position"), _POSITION,
+                                                                f"{config_file} data_position")):
+            if lacking := [k for k in hints if k not in d]:
+                raise CheckpointError(f"{where}: missing {lacking}; not a training state train.py wrote")
+            _fields({k: d[k] for k in hints}, hints, where, "training state")
+        if len(config["rng"]) != config["world_size"]:
+            raise CheckpointError(f"{config_file}: {len(config['rng'])} RNG states, {config['world_size']} processes")
     return config, read_state_dict(weights_file)
 
 
+_STATE = {"step": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "grad_scaler": dict | None,
+          "ema_updates": int | None, "data_position": dict, "rng": list[dict], "args": dict}
+_POSITION = {"epoch": int, "batches_taken": int, "batch_size": int}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
 
 

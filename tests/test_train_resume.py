@@ -95,9 +95,20 @@ def truncate(f):
     f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
 
 
+def edit_json(f, drop=(), **changes):
+    """Rewrite JSON file f with `changes`, the keys in `drop` removed."""
+    obj = {**json.loads(f.read_text()), **changes}
+    f.write_text(json.dumps({k: v for k, v in obj.items() if k not in drop}))
+
+
 CORRUPTIONS = {"training_state.safetensors": truncate, "model.safetensors": truncate,
                "training_state.json": lambda f: f.write_text('{"format": "clue-pytorch", "step": '),
                "config.json": lambda f: f.write_text("{not json")}
+CORRUPTIONS.update({  # valid JSON, but not what resuming reads (each used to end in a traceback)
+    "training_state.json (no optimizer)": lambda f: edit_json(f, drop=["optimizer"]),
+    "training_state.json (step a string)": lambda f: edit_json(f, step="4"),
+    "training_state.json (no epoch)": lambda f: edit_json(f, data_position={"batches_taken": 1, "batch_size": 8}),
+    "training_state.json (rng of 2 processes)": lambda f: edit_json(f, rng=[{}, {}])})
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
@@ -106,10 +117,12 @@ def test_resume_latest_skips_a_corrupt_newest_checkpoint(name, four_steps, data_
     resumes, and the run ends bit-identical to the uninterrupted one."""
     out = tmp_path / "run"
     shutil.copytree(four_steps, out)
-    CORRUPTIONS[name](out / "checkpoints" / "step_000004" / name)
+    file = name.split(" ")[0]
+    CORRUPTIONS[name](out / "checkpoints" / "step_000004" / file)
     train.main(tiny_args(data_dir, out, vae_dir, "--steps", "4", "--checkpoint-every", "2", "--resume"))
     captured = capsys.readouterr()
-    assert "step_000004 is broken" in captured.err and name in captured.err and "Traceback" not in captured.err
+    print(captured.err)
+    assert "step_000004 is broken" in captured.err and file in captured.err and "Traceback" not in captured.err
     assert "resumed from" in captured.out and "step_000002 at step 2" in captured.out
     assert_bit_identical(state(four_steps, 4), state(out, 4), f"resumed past a corrupt {name}")
 
