@@ -150,20 +150,29 @@ def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "c
                               f"(<= {FORMAT_VERSION}); update the code")
     if kinds and found is not None and found not in kinds:
         raise CheckpointError(f"{config_file}: holds a {found!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
-    if kinds == ("training_state",):  # what train.py's resume reads, every key there and of its type
-        for d, hints, where in ((config, _STATE, config_file), (config.get("data_position"), _POSITION,
-                                                                f"{config_file} data_position")):
-            if lacking := [k for k in hints if k not in d]:
-                raise CheckpointError(f"{where}: missing {lacking}; not a training state train.py wrote")
-            _fields({k: d[k] for k in hints}, hints, where, "training state")
-        if len(config["rng"]) != config["world_size"]:
-            raise CheckpointError(f"{config_file}: {len(config['rng'])} RNG states, {config['world_size']} processes")
     return config, read_state_dict(weights_file)
 
 
 _STATE = {"step": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "grad_scaler": dict | None,
           "ema_updates": int | None, "data_position": dict, "rng": list[dict], "args": dict}
 _POSITION = {"epoch": int, "batches_taken": int, "batch_size": int}
+
+
+def read_training_state(folder, json_name: str, tensors_name: str) -> tuple[dict, dict]:
+    """read_checkpoint of a training state (kind "training_state"), every key train.py's resume reads there and of
+    its type."""
+    config, tensors = read_checkpoint(folder, "training_state", json_name, tensors_name)
+    config_file = Path(folder) / json_name
+    for d, hints, where in ((config, _STATE, config_file), (config.get("data_position"), _POSITION,
+                                                            f"{config_file} data_position")):
+        if lacking := [k for k in hints if k not in d]:
+            raise CheckpointError(f"{where}: missing {lacking}; not a training state train.py wrote")
+        _fields({k: d[k] for k in hints}, hints, where, "training state")
+    if len(config["rng"]) != config["world_size"]:
+        raise CheckpointError(f"{config_file}: {len(config['rng'])} RNG states, {config['world_size']} processes")
+    return config, tensors
+
+
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
 
 
@@ -196,8 +205,8 @@ _AT_LEAST_ZERO = {"beta", "beta_warmup_steps", "gamma", "capacity", "capacity_ra
 _FRACTIONS = {"text_dropout", "style_dropout"}  # probabilities
 
 
-def _out_of_range(kw: dict) -> list[str]:
-    """The fields of `kw` whose number (or list) a model cannot be built or trained with: probabilities outside
+def _check_ranges(kw: dict, where: str, what: str) -> None:
+    """Refuse the numbers (and lists) of `kw` that no model is built, trained or sampled with: probabilities outside
     [0, 1], negative loss weights or step counts, sizes, eps or scales <= 0, empty lists, NaN / infinity."""
     def bad(name, v):
         if isinstance(v, (list, tuple)):
@@ -206,7 +215,9 @@ def _out_of_range(kw: dict) -> list[str]:
             return False
         low_ok = v >= 0 if name in _AT_LEAST_ZERO | _FRACTIONS else v > 0
         return not (math.isfinite(v) and low_ok and (v <= 1 or name not in _FRACTIONS))
-    return [f"{k}={json.dumps(v)}" for k, v in kw.items() if bad(k, v)]  # as the file writes it
+    if wrong := [f"{k}={json.dumps(v)}" for k, v in kw.items() if bad(k, v)]:  # as the file writes it
+        raise CheckpointError(f"{where}: {what} fields {wrong} out of range (sizes, eps and scales > 0, loss weights "
+                              "and steps >= 0, dropouts in [0, 1], lists not empty)")
 
 
 def config_from_dict(cls, d, where: str):
@@ -215,9 +226,7 @@ def config_from_dict(cls, d, where: str):
     kw, fields = _fields(d, typing.get_type_hints(cls), where, cls.__name__), dataclasses.fields(cls)
     if missing := [f.name for f in fields if f.default is f.default_factory is MISSING and f.name not in kw]:
         raise CheckpointError(f"{where}: {cls.__name__} fields {missing} are missing")
-    if bad := _out_of_range(kw):
-        raise CheckpointError(f"{where}: {cls.__name__} fields {bad} out of range (sizes, eps and scales > 0, loss "
-                              "weights and steps >= 0, dropouts in [0, 1], lists not empty)")
+    _check_ranges(kw, where, cls.__name__)
     with naming_errors(where):
         return cls(**kw)
 
@@ -353,8 +362,7 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue checks it
     image_size = top.get("image_size") or (clue_size if isinstance(clue_size, int) else None)
     offset = sampler.get("steps_offset", SD_SAMPLER["steps_offset"])
-    if bad := _out_of_range({k: top[k] for k in ("scale_factor", "image_size") if top.get(k) is not None}):
-        raise CheckpointError(f"{where}: {', '.join(bad)}: must be > 0")
+    _check_ranges(top, where, "top-level")
     if isinstance(image_size, int) and image_size % vae_cfg.downsample_factor:
         raise CheckpointError(f"{where}: image_size {image_size} is not a multiple of the VAE's downsampling "
                               f"factor {vae_cfg.downsample_factor}")
@@ -498,5 +506,7 @@ def load_vae(path) -> VAE:
                               "tiny run, a CLUE checkpoint or a converted SD folder")
     vae = VAE(config_from_dict(VAEConfig, config["vae"], f"{path} [vae]"))
     load_mapped(vae, [(k, k[4:], v) for k, v in tensors.items() if k.startswith("vae.")], [], "VAE (vae.*)", path)
-    vae.cfg.scale_factor = float(config.get("scale_factor", vae.cfg.scale_factor))
+    top = _fields({k: config[k] for k in ("scale_factor",) if k in config}, {"scale_factor": float}, path, "top-level")
+    _check_ranges(top, path, "top-level")
+    vae.cfg.scale_factor = float(top.get("scale_factor", vae.cfg.scale_factor))
     return vae

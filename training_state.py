@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from checkpoint import (CheckpointError, as_clue, atomic_write, read_checkpoint, save_clue, save_vae, write_checkpoint,
-                        write_folder_atomically)
+from checkpoint import (CheckpointError, as_clue, atomic_write, read_training_state, save_clue, save_vae,
+                        write_checkpoint, write_folder_atomically)
 from cli import UsageError
 from clue import CLUE
 from convert import load_stable_diffusion
@@ -291,7 +291,7 @@ def find_checkpoint(resume: str, output: Path, rank: int) -> tuple[Path, CLUE, d
     candidates, problems = list_checkpoints(output) if resume == "latest" else [Path(resume)], []
     for folder in reversed(candidates):
         try:
-            config, tensors = read_checkpoint(folder, "training_state", **STATE_FILES)
+            config, tensors = read_training_state(folder, **STATE_FILES)
             return folder, as_clue(load_stable_diffusion(folder, merge_lora=False), folder), config, tensors
         except (CheckpointError, FileNotFoundError) as e:
             problems.append(f"{folder}: {e}")

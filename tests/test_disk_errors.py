@@ -121,7 +121,7 @@ BROKEN_CONFIGS = {  # what is broken -> what the message says (after the file's 
     "beta < 0": (set_in("clue", "beta", -1.0), r"\[clue\]: CLUEConfig fields \['beta=-1.0'\] out of range"),
     "style heads 3": (set_in("style", "heads", 3), r"\[style\]: StyleConfig\(width=\d+\) must be a multiple of 4"),
     "steps_offset -1": (set_in("sampler", "steps_offset", -1), r"\[sampler\]: steps_offset -1 must lie in \[0, 999\]"),
-    "image_size 0": (lambda c: {**c, "image_size": 0}, r"image_size=0: must be > 0"),
+    "image_size 0": (lambda c: {**c, "image_size": 0}, r"top-level fields \['image_size=0'\] out of range"),
     "image_size 30": (lambda c: {**c, "image_size": 30}, r"image_size 30 is not a multiple of the VAE's downsampling"),
     "clue image_size": (set_in("clue", "image_size", 30), r"\[clue\]: image_size 30 is not a multiple of the VAE's"),
     "train a string": (lambda c: {**c, "train": "x"}, r"\[train\]: expected a JSON object, got 'x'"),
@@ -267,6 +267,10 @@ def test_load_vae_reads_any_folder_of_ours_with_a_vae(clue_dir, tmp_path):
     write_checkpoint(tmp_path, "classifier", {"classes": ["a"]}, {"head.weight": torch.zeros(1, 2)})
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: holds no VAE (no 'vae' section")):
         load_vae(tmp_path)
+    for scale, message in (("x", r"scale_factor: expected a number, got 'x'"), (0, r"\['scale_factor=0'\] out of")):
+        folder = edited(clue_dir, tmp_path / str(scale), lambda c: {**c, "scale_factor": scale})
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder))}.*{message}"):
+            load_vae(folder)  # (used to be a ValueError traceback, or a VAE scaled by 0)
 
 
 def test_read_checkpoint_takes_the_first_training_state_files(tmp_path):
