@@ -313,7 +313,7 @@ def load_mapped(module: torch.nn.Module, mapped: list, unused: list, what: str, 
             + (key_listing("parameters of ours with no source key", missing) if missing else "")
             + (key_listing("source keys with no parameter of ours", unknown + unused) if unknown or unused else "")
             + (key_listing("parameters filled twice", twice) if twice else "")
-            + "  The weights and the config disagree, or this is not a Stable Diffusion 1.x / 2.x checkpoint.")
+            + "  The weights and the config disagree, or the file holds another model (another kind, size or version).")
     module.load_state_dict(filled, strict=False)
 
 
