@@ -359,13 +359,14 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     prediction_type = prediction_type or top.get("prediction_type") or schedule.get("prediction_type") or "epsilon"
     with naming_errors(where):
         schedule = NoiseSchedule(**{**schedule, "prediction_type": prediction_type})
-    clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue checks it
+    clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue: type
     image_size = top.get("image_size") or (clue_size if isinstance(clue_size, int) else None)
     offset = sampler.get("steps_offset", SD_SAMPLER["steps_offset"])
     _check_ranges(top, where, "top-level")
-    if isinstance(image_size, int) and image_size % vae_cfg.downsample_factor:
-        raise CheckpointError(f"{where}: image_size {image_size} is not a multiple of the VAE's downsampling "
-                              f"factor {vae_cfg.downsample_factor}")
+    for size, at in ((top.get("image_size"), where), (clue_size, f"{where} [clue]")):
+        if isinstance(size, int) and size % vae_cfg.downsample_factor:
+            raise CheckpointError(f"{at}: image_size {size} is not a multiple of the VAE's downsampling factor "
+                                  f"{vae_cfg.downsample_factor}")
     if not 0 <= offset < schedule.num_train_timesteps:
         raise CheckpointError(f"{where} [sampler]: steps_offset {offset} must lie in [0, "
                               f"{schedule.num_train_timesteps - 1}] (the timesteps of the schedule)")
@@ -452,9 +453,6 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
     if "clue" not in extra:
         raise CheckpointError(f"{folder}: {_NOT_CLUE}")
     clue_cfg = config_from_dict(CLUEConfig, extra["clue"], f"{config_file} [clue]")
-    if clue_cfg.image_size % sd.vae.cfg.downsample_factor:
-        raise CheckpointError(f"{config_file} [clue]: image_size {clue_cfg.image_size} is not a multiple of the VAE's "
-                              f"downsampling factor {sd.vae.cfg.downsample_factor}")
     train = _checked(extra.get("train"), dict | None, f"{config_file} [train]")
     _checked((train or {}).get("prompt_template"), str | None, f"{config_file} [train] prompt_template")
     if sd.unet.cfg.style != (extra.get("style") is not None):
