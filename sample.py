@@ -138,6 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         (a.style_seed is not None and a.grid != "classes-x-styles", "--style-seed is for --grid classes-x-styles"),
         ((a.reference or a.reference_prompt) and a.style != "reference",
          "--reference / --reference-prompt are for --style reference"),
+        (a.style == "reference" and a.reference is None, "--style reference needs --reference IMAGE"),
         (a.prompt_template is not None and a.data is None, "--prompt-template names --data's classes: give --data"),
         (a.data is not None and not dataset_or_grid, "--data is for --per-class, --scale or --grid (not --prompt)"),
         (a.class_name is not None and dataset_or_grid, "--class is for --prompt images; datasets and grids draw "
@@ -221,8 +222,6 @@ def style_choice(args, model, kind, n, name, height, width) -> StyleChoice | Non
                              f"{name!r}, known: {sorted(model.style_posterior) or 'none (use --style prior)'}")
         choice.classes = [name] * n
     if style == "reference":
-        if args.reference is None:
-            raise UsageError("--style reference needs --reference IMAGE")
         choice.reference = load_reference(args.reference, height, width)
         choice.reference_prompts = [args.reference_prompt] if args.reference_prompt else None
     return choice

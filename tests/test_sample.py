@@ -152,6 +152,7 @@ def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
     (["--negative-prompt", "blurry", "--guidance", "1"], "--guidance > 1"),
     (["--reference", "a.png"], "--style reference"),
     (["--reference-prompt", "x", "--style", "prior"], "--style reference"),
+    (["--style", "reference"], "--style reference needs --reference IMAGE"),  # was found after loading the model
     (["--prompt-template", "a {class}", "--per-class", "2"], "give --data"), (["--data", "digits"], "--data is for"),
     (["--class", "3", "--per-class", "2", "--data", "digits"], "--class is for --prompt"),
     (["--num-images", "3", "--per-class", "2"], "--num-images is for --prompt"),
