@@ -218,8 +218,9 @@ def style_choice(args, model, kind, n, name, height, width) -> StyleChoice | Non
     choice = StyleChoice(style.replace("-", "_"), tau=args.tau, scale=args.style_scale)
     if style.startswith("posterior"):
         if name not in model.style_posterior:  # known classes: those the checkpoint's posterior was fitted on
-            raise UsageError(f"--style {style} needs a class of the checkpoint's style posterior (--class NAME); got "
-                             f"{name!r}, known: {sorted(model.style_posterior) or 'none (use --style prior)'}")
+            raise UsageError(f"--style {style} needs a class of the checkpoint's style posterior ('--class NAME' "
+                             f"for --prompt images; a --data folder's class names); got {name!r}, known: "
+                             f"{sorted(model.style_posterior) or 'none (use --style prior)'}")
         choice.classes = [name] * n
     if style == "reference":
         choice.reference = load_reference(args.reference, height, width)
@@ -282,19 +283,19 @@ def draw_grid(d: Drawer, plan: list[dict], out: Path) -> list[str]:
 
 def draw_dataset(d: Drawer, plan: list[dict], out: Path) -> list[str]:
     """--per-class / --scale: each class's count of images -> out/<class folder>/00000.png, batch b seeded seed + b."""
-    written, batch_index, bar = [], 0, tqdm(total=sum(c["count"] for c in plan), desc="images")
-    for c in plan:
-        folder = out / c["folder"]
-        folder.mkdir(parents=True, exist_ok=True)
-        for start in range(0, c["count"], d.args.batch):
-            n = min(d.args.batch, c["count"] - start)
-            images = d.generate([c["prompt"]] * n, d.style(n, c["name"]), seed=d.args.seed + batch_index)
-            batch_index += 1
-            for j, img in enumerate(images):
-                to_pil(img).save(folder / f"{start + j:05d}.png")
-                written.append(str(folder / f"{start + j:05d}.png"))
-            bar.update(n)
-    bar.close()
+    written, batch_index = [], 0
+    with tqdm(total=sum(c["count"] for c in plan), desc="images") as bar:  # closed before any error prints
+        for c in plan:
+            folder = out / c["folder"]
+            folder.mkdir(parents=True, exist_ok=True)
+            for start in range(0, c["count"], d.args.batch):
+                n = min(d.args.batch, c["count"] - start)
+                images = d.generate([c["prompt"]] * n, d.style(n, c["name"]), seed=d.args.seed + batch_index)
+                batch_index += 1
+                for j, img in enumerate(images):
+                    to_pil(img).save(folder / f"{start + j:05d}.png")
+                    written.append(str(folder / f"{start + j:05d}.png"))
+                bar.update(n)
     return written
 
 

@@ -344,24 +344,23 @@ def run_steps(net, state: TrainingState, args, step: int, side_work: SideWork) -
     autocast = torch.autocast(state.device.type, dtype=dtype) if dtype else nullcontext()
     net.train()
     t_loop, window = time.time(), []
-    bar = tqdm(total=args.steps, initial=step, desc="phase 2: CLUE", disable=rank != 0)
-    while step < args.steps:
-        window.append(optimizer_step(net, state, args, step, autocast))
-        step += 1
-        bar.update(1)
-        log = step % args.log_every == 0 or step == args.steps
-        checkpoint = step < args.steps and args.checkpoint_every > 0 and step % args.checkpoint_every == 0
-        sample = step < args.steps and args.sample_every > 0 and step % args.sample_every == 0
-        if log or checkpoint or sample:
-            check_health(state, window, step, output)
-        if log:  # the step's tensors are read back here only
-            logs, window = {k: float(v) for k, v in mean_logs(window).items()}, []
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.3f}")
-            if rank == 0:
-                append_jsonl(log_file, {"step": step, **logs, "seconds": round(time.time() - t_loop, 2)})
-        if checkpoint or sample:
-            side_work(step, checkpoint, output / "samples" / f"step_{step:06d}.png" if sample else None)
-    bar.close()
+    with tqdm(total=args.steps, initial=step, desc="phase 2: CLUE", disable=rank != 0) as bar:  # closed on errors too
+        while step < args.steps:
+            window.append(optimizer_step(net, state, args, step, autocast))
+            step += 1
+            bar.update(1)
+            log = step % args.log_every == 0 or step == args.steps
+            checkpoint = step < args.steps and args.checkpoint_every > 0 and step % args.checkpoint_every == 0
+            sample = step < args.steps and args.sample_every > 0 and step % args.sample_every == 0
+            if log or checkpoint or sample:
+                check_health(state, window, step, output)
+            if log:  # the step's tensors are read back here only
+                logs, window = {k: float(v) for k, v in mean_logs(window).items()}, []
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.3f}")
+                if rank == 0:
+                    append_jsonl(log_file, {"step": step, **logs, "seconds": round(time.time() - t_loop, 2)})
+            if checkpoint or sample:
+                side_work(step, checkpoint, output / "samples" / f"step_{step:06d}.png" if sample else None)
     return step
 
 

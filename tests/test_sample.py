@@ -7,6 +7,7 @@ test builds one from open_clip's bundled BPE vocabulary (reference.clip_tokenize
 go through the pipeline's own tokenizer and text encoder, not through embeddings we computed."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,19 @@ def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
 def test_flags_the_mode_would_ignore_are_refused(capsys, flags, says):
     """Each of these used to be accepted and then ignored by the mode the other flags chose."""
     assert says in _one_line_error(capsys, ["--model", "unused", "--prompt", "x", *flags])
+
+
+def test_an_error_mid_dataset_is_a_line_of_its_own(clue_ckpt, tmp_path, capsys):
+    """A class the posterior does not know is found while the progress bar is drawn: the bar is closed first, so the
+    message starts its own line (it used to be printed onto the bar)."""
+    root, data = clue_ckpt
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(tmp_path / "data" / "vertical_bars", tmp_path / "data" / "zigzags")
+    err = _one_line_error(capsys, ["--model", str(root / "ckpt"), "--data", str(tmp_path / "data"), "--per-class", "1",
+                                   "--style", "posterior", "--steps", "1", "--out", str(tmp_path / "o")])
+    line = next(part for part in re.split(r"[\r\n]", err) if "sample.py: error:" in part)
+    assert line.startswith("sample.py: error: --style posterior needs a class") and "'zigzags'" in line, err
+    assert len(os.listdir(tmp_path / "o" / "horizontal_bars")) == 1  # the classes before it were drawn
 
 
 def test_bad_sizes_and_models_end_in_one_line(clue_ckpt, tmp_path, capsys):

@@ -8,6 +8,7 @@ test_train_ddp.py), which import the helpers below.
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +378,21 @@ def test_missing_data_folder_and_bad_vae_folder_are_one_line(data_dir, tmp_path,
     assert code == 2 and "notvae" in err and "config.json" in err
 
 
+def test_vae_phase_divergence_is_one_line_of_its_own(data_dir, tmp_path, monkeypatch, capsys):
+    """A NaN loss in phase 1 (the VAE): exit code 1, nothing written for the VAE, the message on its own line."""
+    real, calls = training_state.vae_loss, {"n": 0}
+
+    def poisoned(vae, x, kl_weight):
+        loss, logs = real(vae, x, kl_weight)
+        calls["n"] += 1
+        return loss * (math.nan if calls["n"] == 2 else 1.0), logs
+    monkeypatch.setattr(training_state, "vae_loss", poisoned)
+    code, err = run_cli(tiny_args(data_dir, tmp_path / "o", None, "--vae-steps", "3", "--vae-batch-size", "8"), capsys)
+    assert code == 1 and not (tmp_path / "o" / "vae").exists()
+    lines = re.split(r"[\r\n]", err)
+    assert any(part.startswith("train.py: training diverged: VAE step 1: loss nan") for part in lines), err
+
+
 @pytest.mark.parametrize("where", ["weights", "gradients"])
 def test_non_finite_update_with_a_finite_loss_stops_clearly(where, data_dir, vae_dir, tmp_path, monkeypatch, capsys):
     """An update that puts inf into a weight (or a gradient norm that is inf) while the loss is still finite: the
@@ -404,6 +420,7 @@ def test_non_finite_update_with_a_finite_loss_stops_clearly(where, data_dir, vae
     code, err = run_cli(tiny_args(data_dir, out, vae_dir, "--steps", "4", "--checkpoint-every", "1",
                                   "--log-every", "10"), capsys)
     assert calls["n"] >= 2 and code == 1 and "training diverged" in err and "step_000001" in err
+    assert any(part.startswith("train.py: training diverged") for part in re.split(r"[\r\n]", err)), err  # own line
     assert ("weights NaN/inf or huge (1 tensors" if where == "weights" else "gradient norm is inf") in err
     assert [p.name for p in training_state.list_checkpoints(out)] == ["step_000001"]
     assert not (out / "final").exists() and not (out / "summary.json").exists()
