@@ -44,7 +44,8 @@ class CheckpointError(ValueError):
 
 @contextlib.contextmanager
 def naming_errors(where):
-    """Re-raise what a config's or a mapping's own checks raise as a CheckpointError naming the file."""
+    """Re-raise what a config's or a mapping's own checks raise (and the TypeError a value of the wrong JSON type meets
+    in a public file's translation) as a CheckpointError naming the file."""
     try:
         yield
     except CheckpointError:
@@ -53,6 +54,8 @@ def naming_errors(where):
         raise CheckpointError(f"{where}: missing key {e}") from e
     except (ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{where}: {e}") from e
+    except TypeError as e:
+        raise CheckpointError(f"{where}: a value of the wrong type ({e})") from e
 
 
 # ---- writing: atomic files, our format -------------------------------------------------------------------------------
@@ -320,7 +323,16 @@ def load_mapped(module: torch.nn.Module, mapped: list, unused: list, what: str, 
 def build_stable_diffusion(cfgs: tuple, weights, schedule: NoiseSchedule, where, **fields) -> StableDiffusion:
     """U-Net, VAE and text encoder built from `cfgs` (in this order: the RNG draws of their initialisation), each
     filled through the audit from `weights`, per module (mapped, unused, what, source file, keep_init) (a list or
-    a generator that reads each part only when its module is built)."""
+    a generator that reads each part only when its module is built). `fields` from any file meet our format's checks."""
+    top = _fields({k: fields[k] for k in ("scale_factor", "image_size")}, _TOP, where, "top-level")
+    _check_ranges(top, where, "top-level")
+    offset = _fields(fields["sampler_config"], _SAMPLER, f"{where} [sampler]", "sampler").get("steps_offset", 1)
+    if not 0 <= offset < schedule.num_train_timesteps:
+        raise CheckpointError(f"{where} [sampler]: steps_offset {offset} must lie in [0, "
+                              f"{schedule.num_train_timesteps - 1}] (the timesteps of the schedule)")
+    if top["image_size"] % cfgs[1].downsample_factor:
+        raise CheckpointError(f"{where}: image_size {top['image_size']} is not a multiple of the VAE's downsampling "
+                              f"factor {cfgs[1].downsample_factor}")
     if cfgs[0].context_dim != cfgs[2].width:
         raise CheckpointError(f"{where}: the U-Net attends to {cfgs[0].context_dim}-wide text tokens but the text "
                               f"encoder is {cfgs[2].width} wide; the parts do not belong together")
@@ -360,16 +372,11 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     with naming_errors(where):
         schedule = NoiseSchedule(**{**schedule, "prediction_type": prediction_type})
     clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue: type
+    if isinstance(clue_size, int) and clue_size % vae_cfg.downsample_factor:  # (the top-level one: below)
+        raise CheckpointError(f"{where} [clue]: image_size {clue_size} is not a multiple of the VAE's downsampling "
+                              f"factor {vae_cfg.downsample_factor}")
+    _check_ranges(top, where, "top-level")  # (an image_size of 0 would fall back to the clue one)
     image_size = top.get("image_size") or (clue_size if isinstance(clue_size, int) else None)
-    offset = sampler.get("steps_offset", SD_SAMPLER["steps_offset"])
-    _check_ranges(top, where, "top-level")
-    for size, at in ((top.get("image_size"), where), (clue_size, f"{where} [clue]")):
-        if isinstance(size, int) and size % vae_cfg.downsample_factor:
-            raise CheckpointError(f"{at}: image_size {size} is not a multiple of the VAE's downsampling factor "
-                                  f"{vae_cfg.downsample_factor}")
-    if not 0 <= offset < schedule.num_train_timesteps:
-        raise CheckpointError(f"{where} [sampler]: steps_offset {offset} must lie in [0, "
-                              f"{schedule.num_train_timesteps - 1}] (the timesteps of the schedule)")
     parts: dict[str, dict] = {}  # {"unet": {name: tensor}, "vae": ..., "style_encoder": ...}
     for k, v in tensors.items():
         head, _, rest = k.partition(".")
@@ -399,7 +406,7 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
         [(*apply_rules(unet_sd, IDENTITY), "U-Net (unet.*)", weights, keep),
          (*apply_rules(vae_sd, IDENTITY), "VAE (vae.*)", weights),
          (*apply_rules(text_sd, IDENTITY), "text encoder (text_encoder.*)", weights)],
-        schedule, folder, scale_factor=float(top.get("scale_factor", vae_cfg.scale_factor)),
+        schedule, where, scale_factor=float(top.get("scale_factor", vae_cfg.scale_factor)),
         image_size=int(image_size or sd_image_size(prediction_type)),
         sampler_config=dict(sampler), source=f"{FORMAT} folder", notes=notes, **extra)
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
 
 import cli
-from checkpoint import (FORMAT, IDENTITY, CheckpointError, apply_rules, as_clue, build_stable_diffusion, key_listing,
-                        load_sd_folder, naming_errors, read_json, read_state_dict, save_clue, save_stable_diffusion)
+from checkpoint import (FORMAT, IDENTITY, CheckpointError, apply_rules, as_clue, build_stable_diffusion,
+                        config_from_dict, key_listing, load_sd_folder, naming_errors, read_json, read_state_dict,
+                        save_clue, save_stable_diffusion)
 from clue import StableDiffusion
 from schedulers import PREDICTION_TYPES, SD_SAMPLER, SD_SCHEDULE, NoiseSchedule
 from text_encoder import TextConfig
@@ -87,10 +89,12 @@ def text_config_from_hf(hf_config, mode: str = "sd2") -> TextConfig:
 
 
 def read_config(file: Path, translate) -> tuple:
-    """(raw, translate(raw, file)) of a JSON config file, what the translation raises naming the file."""
+    """(raw, translate(raw, file)) of a JSON config file, what the translation raises naming the file; the config
+    dataclass it gives meets our format's type and range checks (config_from_dict)."""
     raw = read_json(file)
     with naming_errors(file):
-        return raw, translate(raw, file)
+        cfg = translate(raw, file)
+    return raw, config_from_dict(type(cfg), asdict(cfg), str(file))
 
 
 # ---- diffusers folders -----------------------------------------------------------------------------------------------
@@ -135,9 +139,9 @@ def _unet_config_from_diffusers(cfg: dict, where, style: bool) -> UNetConfig:
                       block_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
                       attention_levels=tuple(attention), context_dim=context, transformer_depth=depth,
                       num_heads=tuple(heads) if isinstance(heads, list) else (heads,) * len(down),
-                      linear_projection=bool(cfg.get("use_linear_projection", False)), style=style,
+                      linear_projection=cfg.get("use_linear_projection") or False, style=style,
                       norm_groups=cfg.get("norm_num_groups", 32), resnet_eps=cfg.get("norm_eps", 1e-5),
-                      upcast_attention=bool(cfg.get("upcast_attention", False)))
+                      upcast_attention=cfg.get("upcast_attention") or False)  # (null: False)
 
 
 def _vae_config_from_diffusers(cfg: dict, where) -> VAEConfig:

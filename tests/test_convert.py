@@ -6,6 +6,7 @@ Original single files (ldm layout) are tested in test_convert_single_file.py.
 """
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -14,6 +15,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditi
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import checkpoint
+import cli
 import convert
 import unet
 from checkpoint import CheckpointError, save_stable_diffusion
@@ -290,6 +292,29 @@ def test_shapes_disagree_with_config(sd1_folder, tmp_path):
     assert "diffusion_pytorch_model.bin: the U-Net weights do not match" in msg
     assert "conv_out.weight: (4, 32, 3, 3) in the source, (3, 32, 3, 3) in our model" in msg
     assert "conv_out.bias: (4,) in the source, (3,) in our model" in msg
+
+
+@pytest.mark.parametrize("file,key,value,says", [  # each used to be a traceback, or written and then unloadable
+    ("unet/config.json", "layers_per_block", "x", r"unet/config.json layers_per_block: expected an integer, got 'x'"),
+    ("unet/config.json", "norm_eps", 0, r"unet/config.json: UNetConfig fields \['resnet_eps=0'\] out of range"),
+    ("unet/config.json", "use_linear_projection", "x", r"unet/config.json linear_projection: expected true or false"),
+    ("unet/config.json", "sample_size", 0, r"broken: top-level fields \['image_size=0'\] out of range"),
+    ("vae/config.json", "scaling_factor", -1, r"vae/config.json: VAEConfig fields \['scale_factor=-1.0'\]"),
+    ("text_encoder/config.json", "hidden_size", "x", r"text_encoder/config.json: a value of the wrong type"),
+    ("text_encoder/config.json", "num_hidden_layers", 0, r"text_encoder/config.json: TextConfig fields \['layers=0'\]"),
+    ("scheduler/scheduler_config.json", "beta_end", "x", r"scheduler_config.json: a value of the wrong type"),
+    ("scheduler/scheduler_config.json", "steps_offset", -1, r"broken \[sampler\]: steps_offset -1 must lie in")])
+def test_bad_values_in_diffusers_configs_are_named(sd1_folder, tmp_path, capsys, file, key, value, says):
+    """A diffusers folder's config values meet our format's type and range checks: convert.py refuses with one line
+    naming the file, and writes nothing."""
+    broken = shutil.copytree(sd1_folder[0], tmp_path / "broken")
+    cfg = json.loads((broken / file).read_text())
+    (broken / file).write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(SystemExit) as e:
+        cli.run(convert.main, [str(broken), str(tmp_path / "out")], "convert.py")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and re.search(says, err), err
+    assert not (tmp_path / "out" / "config.json").exists()
 
 
 def tiny_sdxl_unet():
