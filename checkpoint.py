@@ -394,7 +394,11 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
         if load_base is None:
             raise CheckpointError(f"{folder}: a LoRA folder: load it with convert.load_stable_diffusion (its base too)")
         lora = config_from_dict(LoRAConfig, config.get("lora"), f"{where} [lora]")
-        sd = load_base(lora.base, prediction_type, style=unet_cfg.style)
+        try:
+            sd = load_base(lora.base, prediction_type, style=unet_cfg.style)
+        except (FileNotFoundError, CheckpointError) as e:  # the user named this folder, not its base: say so
+            raise CheckpointError(f"{where} [lora] base: the weights this LoRA adapts do not load: {e}; put them "
+                                  "back, or give their new place as \"base\" in this file") from e
         add_lora(sd.unet, lora.rank, lora.alpha)
         load_mapped(sd.unet, *apply_rules(unet_sd, IDENTITY), "LoRA (unet.*)", weights,
                     lambda name: not lora_trains(name) or keep(name))  # the base's weights, a style branch added here

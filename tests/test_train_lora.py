@@ -187,3 +187,4 @@ def test_a_lora_folder_names_how_to_load_it_and_a_missing_base(lora_run, tmp_pat
         cli.run(sample.main, ["--model", str(moved), "--prompt", "x", "--out", str(tmp_path)], "sample.py")
     err = capsys.readouterr().err
     assert e.value.code == 2 and str(tmp_path / "gone") in err and "Traceback" not in err
+    assert f"{moved / 'config.json'} [lora] base: the weights this LoRA adapts do not load" in err  # which file says so
