@@ -326,7 +326,8 @@ def build_stable_diffusion(cfgs: tuple, weights, schedule: NoiseSchedule, where,
     a generator that reads each part only when its module is built). `fields` from any file meet our format's checks."""
     top = _fields({k: fields[k] for k in ("scale_factor", "image_size")}, _TOP, where, "top-level")
     _check_ranges(top, where, "top-level")
-    offset = _fields(fields["sampler_config"], _SAMPLER, f"{where} [sampler]", "sampler").get("steps_offset", 1)
+    sampler = _fields(fields["sampler_config"], _SAMPLER, f"{where} [sampler]", "sampler")
+    offset = sampler.get("steps_offset", SD_SAMPLER["steps_offset"])  # (a partial sampler section: SD's default)
     if not 0 <= offset < schedule.num_train_timesteps:
         raise CheckpointError(f"{where} [sampler]: steps_offset {offset} must lie in [0, "
                               f"{schedule.num_train_timesteps - 1}] (the timesteps of the schedule)")
