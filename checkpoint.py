@@ -45,7 +45,8 @@ class CheckpointError(ValueError):
 @contextlib.contextmanager
 def naming_errors(where):
     """Re-raise what a config's or a mapping's own checks raise (and the TypeError a value of the wrong JSON type meets
-    in a public file's translation) as a CheckpointError naming the file."""
+    in a public file's translation, the allocation failure of sizes too large to build) as a CheckpointError naming
+    the file."""
     try:
         yield
     except CheckpointError:
@@ -56,6 +57,11 @@ def naming_errors(where):
         raise CheckpointError(f"{where}: {e}") from e
     except TypeError as e:
         raise CheckpointError(f"{where}: a value of the wrong type ({e})") from e
+    except RuntimeError as e:  # torch's allocators: "... tried to allocate N bytes"
+        if "allocate" not in str(e):
+            raise
+        raise CheckpointError(f"{where}: the model it describes needs more memory than there is, sizes edited by "
+                              f"hand? ({str(e).splitlines()[0]})") from e
 
 
 # ---- writing: atomic files, our format -------------------------------------------------------------------------------
@@ -337,7 +343,8 @@ def build_stable_diffusion(cfgs: tuple, weights, schedule: NoiseSchedule, where,
     if cfgs[0].context_dim != cfgs[2].width:
         raise CheckpointError(f"{where}: the U-Net attends to {cfgs[0].context_dim}-wide text tokens but the text "
                               f"encoder is {cfgs[2].width} wide; the parts do not belong together")
-    modules = UNet(cfgs[0]), VAE(cfgs[1]), TextEncoder(cfgs[2])
+    with naming_errors(where):
+        modules = UNet(cfgs[0]), VAE(cfgs[1]), TextEncoder(cfgs[2])
     for module, args in zip(modules, weights):
         load_mapped(module, *args)
     return StableDiffusion(*modules, schedule, schedule.prediction_type, **fields)
@@ -369,15 +376,15 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     schedule = _fields(config["schedule"], _SCHEDULE, f"{where} [schedule]", "schedule")
     top = _fields({k: config[k] for k in _TOP if k in config}, _TOP, where, "top-level")
     sampler = _fields(config.get("sampler") or SD_SAMPLER, _SAMPLER, f"{where} [sampler]", "sampler")
+    if None not in (types := (top.get("prediction_type"), schedule.get("prediction_type"))) and len(set(types)) > 1:
+        raise CheckpointError(f"{where}: prediction_type {types[0]!r} but [schedule] prediction_type {types[1]!r}; "
+                              "the model was trained with one of them: make them agree")
     prediction_type = prediction_type or top.get("prediction_type") or schedule.get("prediction_type") or "epsilon"
     with naming_errors(where):
         schedule = NoiseSchedule(**{**schedule, "prediction_type": prediction_type})
-    clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue: type
-    if isinstance(clue_size, int) and clue_size % vae_cfg.downsample_factor:  # (the top-level one: below)
-        raise CheckpointError(f"{where} [clue]: image_size {clue_size} is not a multiple of the VAE's downsampling "
-                              f"factor {vae_cfg.downsample_factor}")
+    clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue checks
     _check_ranges(top, where, "top-level")  # (an image_size of 0 would fall back to the clue one)
-    image_size = top.get("image_size") or (clue_size if isinstance(clue_size, int) else None)
+    image_size = top.get("image_size") or (clue_size if type(clue_size) is int else None)
     parts: dict[str, dict] = {}  # {"unet": {name: tensor}, "vae": ..., "style_encoder": ...}
     for k, v in tensors.items():
         head, _, rest = k.partition(".")
@@ -454,6 +461,7 @@ def save_clue(model: CLUE, path, extra: dict | None = None, dtype: torch.dtype |
     save_stable_diffusion(model.as_stable_diffusion(), path, dtype, config, tensors, base)
 
 
+_REFIT = "refit it: model.fit_style_posterior(loader), then save_clue(model, path)"
 _NOT_CLUE = ("not a CLUE checkpoint (no 'clue' section in config.json); for plain SD weights use "
              "convert.load_stable_diffusion and CLUE.from_stable_diffusion")
 
@@ -465,6 +473,9 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
     if "clue" not in extra:
         raise CheckpointError(f"{folder}: {_NOT_CLUE}")
     clue_cfg = config_from_dict(CLUEConfig, extra["clue"], f"{config_file} [clue]")
+    if clue_cfg.image_size % sd.vae.cfg.downsample_factor:
+        raise CheckpointError(f"{config_file} [clue]: image_size {clue_cfg.image_size} is not a multiple of the VAE's "
+                              f"downsampling factor {sd.vae.cfg.downsample_factor}")
     train = _checked(extra.get("train"), dict | None, f"{config_file} [train]")
     _checked((train or {}).get("prompt_template"), str | None, f"{config_file} [train] prompt_template")
     if sd.unet.cfg.style != (extra.get("style") is not None):
@@ -481,15 +492,23 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
         model.kl_weight(0)  # refuses a kl_mode training would stop at
     post = _fields(extra.get("style_posterior") or {}, _POSTERIOR, f"{config_file} [style_posterior]", "posterior")
     classes, prompts = post.get("classes", ()), post.get("prompts", ())
-    if len(prompts) != len(classes):
-        raise CheckpointError(f"{config_file} [style_posterior]: {len(classes)} classes but {len(prompts)} prompts")
+    counts = post.get("counts", [None] * len(classes))  # (mus rows per class)
+    if not len(classes) == len(prompts) == len(counts):
+        raise CheckpointError(f"{config_file} [style_posterior]: {len(classes)} classes, {len(prompts)} prompts, "
+                              f"{len(counts)} counts")
+    kd = (style_encoder.cfg.tokens, style_encoder.cfg.context_dim) if style_encoder is not None else None
+    stacks = ("factors", "mus")  # (r, K, D) and (N, K, D); mean, var, psi are (K, D)
     for i, name in enumerate(classes):
         keys = [f"style_posterior.{i}.{k}" for k in POSTERIOR_TENSORS]
         if lacking := [k for k in keys if k not in tensors]:
-            raise CheckpointError(f"{weights}: the style posterior of class {name!r} lacks tensors {lacking}; refit "
-                                  "it: model.fit_style_posterior(loader), then save_clue(model, path)")
-        model.style_posterior[name] = {"prompt": prompts[i],
-                                       **{k: tensors[key].float() for k, key in zip(POSTERIOR_TENSORS, keys)}}
+            raise CheckpointError(f"{weights}: the style posterior of class {name!r} lacks tensors {lacking}; {_REFIT}")
+        p = {k: tensors[key].float() for k, key in zip(POSTERIOR_TENSORS, keys)}
+        wrong = [k for k, t in p.items() if kd is None or t.shape[-2:] != kd or t.ndim != 2 + (k in stacks)]
+        if wrong or counts[i] not in (None, len(p["mus"])):
+            raise CheckpointError(f"{weights}: the style posterior of class {name!r} has shapes "
+                                  f"{ {k: tuple(t.shape) for k, t in p.items()} } for {counts[i]} images; the model's "
+                                  f"styles (K, D): {kd or 'none (no style encoder)'}; {_REFIT}")
+        model.style_posterior[name] = {"prompt": prompts[i], **p}
     model.train_config = train
     model.last_diagnostics = _checked(extra.get("diagnostics"), dict | None, f"{config_file} [diagnostics]")
     return model
@@ -514,7 +533,8 @@ def load_vae(path) -> VAE:
     if not isinstance(config.get("vae"), dict):
         raise CheckpointError(f"{path}: holds no VAE (no 'vae' section in config.json); give the vae/ folder of a "
                               "tiny run, a CLUE checkpoint or a converted SD folder")
-    vae = VAE(config_from_dict(VAEConfig, config["vae"], f"{path} [vae]"))
+    with naming_errors(f"{path} [vae]"):
+        vae = VAE(config_from_dict(VAEConfig, config["vae"], f"{path} [vae]"))
     load_mapped(vae, [(k, k[4:], v) for k, v in tensors.items() if k.startswith("vae.")], [], "VAE (vae.*)", path)
     top = _fields({k: config[k] for k in ("scale_factor",) if k in config}, {"scale_factor": float}, path, "top-level")
     _check_ranges(top, path, "top-level")

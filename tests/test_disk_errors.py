@@ -29,7 +29,7 @@ def clue_dir(tmp_path_factory):
     model = small_clue()
     k, d = model.style_encoder.cfg.tokens, model.unet.cfg.context_dim
     model.style_posterior["zero"] = {"prompt": "a picture of zero", "mean": torch.randn(k, d), "var": torch.ones(k, d),
-                                     "factors": torch.randn(k * d, 2), "psi": torch.ones(k * d),
+                                     "factors": torch.randn(2, k, d), "psi": torch.ones(k, d),
                                      "mus": torch.randn(3, k, d)}
     folder = tmp_path_factory.mktemp("clue") / "ckpt"
     save_clue(model, folder, extra={"steps": 1})
@@ -103,6 +103,8 @@ BROKEN_CONFIGS = {  # what is broken -> what the message says (after the file's 
     "schedule a string": (lambda c: {**c, "schedule": "x"}, r"\[schedule\]: expected a JSON object"),
     "beta_start < 0": (set_in("schedule", "beta_start", -0.1), r"0 < beta_start < beta_end < 1.*got 'epsilon', -0.1"),
     "beta_end > 1": (set_in("schedule", "beta_end", 1.5), r"0 < beta_start < beta_end < 1.*0.00085, 1.5, 1000"),
+    "two prediction types": (set_in("schedule", "prediction_type", "v_prediction"), r"prediction_type 'epsilon' but "
+                             r"\[schedule\] prediction_type 'v_prediction'; the model was trained with one"),
     "no timesteps": (set_in("schedule", "num_train_timesteps", 0), r"num_train_timesteps >= 1; got .*, 0"),
     "image_size 'big'": (lambda c: {**c, "image_size": "big"}, r"image_size: expected an integer"),
     "clue a string": (lambda c: {**c, "clue": "x"}, r"\[clue\]: expected a JSON object \(CLUEConfig fields\)"),
@@ -110,11 +112,12 @@ BROKEN_CONFIGS = {  # what is broken -> what the message says (after the file's 
     "style a list": (lambda c: {**c, "style": [1]}, r"\[style\]: expected a JSON object"),
     "posterior a string": (lambda c: {**c, "style_posterior": "x"}, r"\[style_posterior\]: expected a JSON object"),
     "posterior classes": (set_in("style_posterior", "classes", "zero"), r"posterior\] classes: expected a list"),
-    "posterior prompts": (set_in("style_posterior", "prompts", []), r"1 classes but 0 prompts"),
+    "posterior prompts": (set_in("style_posterior", "prompts", []), r"1 classes, 0 prompts, 1 counts"),
     # numbers a model cannot be built, trained or sampled with (each ended in a traceback or was taken)
     "num_heads -1": (set_in("unet", "num_heads", [-1, -1]), r"\[unet\]: UNetConfig fields \['num_heads=\[-1, -1\]'\]"),
     "no VAE levels": (set_in("vae", "block_channels", []), r"\[vae\]: VAEConfig fields \['block_channels=\[\]'\]"),
     "no text layers": (set_in("text", "layers", 0), r"\[text\]: TextConfig fields \['layers=0'\] out of range"),
+    "mlp_ratio 1e12": (set_in("text", "mlp_ratio", 1e12), r"needs more memory than there is"),  # (petabytes)
     "eps NaN": (set_in("unet", "resnet_eps", float("nan")), r"\[unet\]: UNetConfig fields \['resnet_eps=NaN'\]"),
     "dropout 2": (set_in("clue", "text_dropout", 2.0), r"\[clue\]: CLUEConfig fields \['text_dropout=2.0'\] out of"),
     "kl_mode 'x'": (set_in("clue", "kl_mode", "x"), r"CLUEConfig.kl_mode must be 'beta' or 'capacity', got 'x'"),
@@ -154,6 +157,26 @@ def test_missing_posterior_tensors_are_named(clue_dir, tmp_path, capsys):
                                               r"\['style_posterior.0.psi'\]; refit it"):
         load_clue(folder)
     assert "style_posterior.0.psi" in run_convert(capsys, folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, shape", [("mean", (3,)), ("psi", (1, 1)), ("factors", (2, 64)), ("mus", (3, 2, 9))])
+def test_posterior_tensors_of_other_shapes_are_named(clue_dir, tmp_path, capsys, name, shape):
+    """Shapes that are not the style encoder's (K, D) styles: sampling would end in a torch error or broadcast them."""
+    folder = shutil.copytree(clue_dir, tmp_path / "ckpt")
+    config, tensors = read_checkpoint(folder)
+    write_checkpoint(folder, "clue", {k: v for k, v in config.items() if k not in ("format", "version", "kind")},
+                     {**tensors, f"style_posterior.0.{name}": torch.ones(shape)})
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: the style posterior of class 'zero' has shapes "
+                                              rf".*'{name}': {re.escape(str(shape))}.*; the model's styles \(K, D\): "
+                                              r"\(\d+, \d+\); refit it"):
+        load_clue(folder)
+    assert "refit it" in run_convert(capsys, folder, tmp_path / "out")
+
+
+def test_posterior_counts_must_match_its_tensors(clue_dir, tmp_path):
+    folder = edited(clue_dir, tmp_path, set_in("style_posterior", "counts", [4]))  # the tensors hold 3 images
+    with pytest.raises(CheckpointError, match=r"style posterior of class 'zero' has shapes .* for 4 images"):
+        load_clue(folder)
 
 
 def test_stored_style_layers_must_be_in_the_file(clue_dir, tmp_path):
