@@ -249,8 +249,12 @@ class Drawer:
 
     def generate(self, prompts, style, seed=None, latents=None, progress=False) -> torch.Tensor:
         with self.autocast:
-            return self.model.generate(prompts, self.sampling, style, seed=seed, latents=latents,
-                                       progress=progress).float().cpu()
+            images = self.model.generate(prompts, self.sampling, style, seed=seed, latents=latents,
+                                         progress=progress).float().cpu()
+        if not images.isfinite().all():  # written, they would be black PNGs and exit 0
+            raise UsageError(f"the model gave NaN / infinite pixels (--dtype {self.args.dtype}): fp16 overflows in "
+                             "some models, use --dtype bf16 or fp32; in fp32 its weights hold NaN / inf")
+        return images
 
     def style(self, n: int, name) -> StyleChoice | None:
         return style_choice(self.args, self.model, self.kind, n, name, self.sampling.height, self.sampling.width)

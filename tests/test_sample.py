@@ -127,7 +127,7 @@ def test_cli_clue_grids_and_style_flags(clue_ckpt):
         sample.main(["--model", ckpt, "--scale", "100", "--out", str(out)])  # --scale needs --data
 
 
-def _one_line_error(capsys, argv):
+def one_line_error(capsys, argv):
     """sample.py's main through cli.run, as `python sample.py` runs it: exit code 2, a message, no traceback."""
     with pytest.raises(SystemExit) as e:
         cli.run(sample.main, argv, "sample.py")
@@ -143,7 +143,7 @@ def _one_line_error(capsys, argv):
                                         ("--guidance", "nan"), ("--seed", "-1"), ("--n-interp", "x"),
                                         ("--device", "gpu"), ("--device", "cuda:99")])
 def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
-    err = _one_line_error(capsys, ["--model", "unused", "--prompt", "x", flag, value])
+    err = one_line_error(capsys, ["--model", "unused", "--prompt", "x", flag, value])
     assert f"argument {flag}" in err
 
 
@@ -160,7 +160,7 @@ def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
     (["--grid", "classes-x-styles", "--data", "digits"], "drop --prompt")])
 def test_flags_the_mode_would_ignore_are_refused(capsys, flags, says):
     """Each of these used to be accepted and then ignored by the mode the other flags chose."""
-    assert says in _one_line_error(capsys, ["--model", "unused", "--prompt", "x", *flags])
+    assert says in one_line_error(capsys, ["--model", "unused", "--prompt", "x", *flags])
 
 
 def test_an_error_mid_dataset_is_a_line_of_its_own(clue_ckpt, tmp_path, capsys):
@@ -169,26 +169,38 @@ def test_an_error_mid_dataset_is_a_line_of_its_own(clue_ckpt, tmp_path, capsys):
     root, data = clue_ckpt
     shutil.copytree(data, tmp_path / "data")
     shutil.copytree(tmp_path / "data" / "vertical_bars", tmp_path / "data" / "zigzags")
-    err = _one_line_error(capsys, ["--model", str(root / "ckpt"), "--data", str(tmp_path / "data"), "--per-class", "1",
+    err = one_line_error(capsys, ["--model", str(root / "ckpt"), "--data", str(tmp_path / "data"), "--per-class", "1",
                                    "--style", "posterior", "--steps", "1", "--out", str(tmp_path / "o")])
     line = next(part for part in re.split(r"[\r\n]", err) if "sample.py: error:" in part)
     assert line.startswith("sample.py: error: --style posterior needs a class") and "'zigzags'" in line, err
     assert len(os.listdir(tmp_path / "o" / "horizontal_bars")) == 1  # the classes before it were drawn
 
 
+def test_nan_pixels_are_refused_not_written(clue_ckpt, tmp_path, capsys):
+    """Weights that hold NaN (or fp16 overflow on a GPU) give NaN pixels: one line, exit 2, no black PNGs."""
+    root, _ = clue_ckpt
+    model = sample.load_model(root / "ckpt")[0]
+    with torch.no_grad():
+        model.unet.conv_out.bias.fill_(float("nan"))
+    save_clue(model, tmp_path / "nan")
+    err = one_line_error(capsys, ["--model", str(tmp_path / "nan"), "--prompt", "x", "--steps", "1",
+                                   "--out", str(tmp_path / "o")])
+    assert "NaN / infinite pixels (--dtype fp32)" in err and not (tmp_path / "o" / "images").exists(), err
+
+
 def test_bad_sizes_and_models_end_in_one_line(clue_ckpt, tmp_path, capsys):
     root, data = clue_ckpt
     ckpt = str(root / "ckpt")
-    err = _one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--height", "30", "--steps", "1",
+    err = one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--height", "30", "--steps", "1",
                                    "--out", str(tmp_path / "o")])
     assert "--height 30" in err and "multiples of 4" in err
-    err = _one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--style", "posterior", "--class", "nope",
+    err = one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--style", "posterior", "--class", "nope",
                                    "--steps", "1", "--out", str(tmp_path / "o")])
     assert "--class" in err and "horizontal bars" in err
-    err = _one_line_error(capsys, ["--model", ckpt, "--grid", "interpolation", "--interpolate", "1", "-2",
+    err = one_line_error(capsys, ["--model", ckpt, "--grid", "interpolation", "--interpolate", "1", "-2",
                                    "--steps", "1", "--out", str(tmp_path / "o")])
     assert "--interpolate '-2'" in err
-    err = _one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--style", "reference", "--reference",
+    err = one_line_error(capsys, ["--model", ckpt, "--prompt", "x", "--style", "reference", "--reference",
                                    str(tmp_path / "missing.png"), "--steps", "1", "--out", str(tmp_path / "o")])
     assert "missing.png" in err
     # a model folder with a broken config.json, or a field of the wrong type: the file (and key) are named
@@ -197,10 +209,10 @@ def test_bad_sizes_and_models_end_in_one_line(clue_ckpt, tmp_path, capsys):
     config = json.loads((bad / "config.json").read_text())
     config["clue"]["image_size"] = "big"
     (bad / "config.json").write_text(json.dumps(config))
-    err = _one_line_error(capsys, ["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
+    err = one_line_error(capsys, ["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
     assert "config.json" in err and "image_size" in err
     (bad / "config.json").write_text("{not json")
-    err = _one_line_error(capsys, ["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
+    err = one_line_error(capsys, ["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")])
     assert "config.json" in err and "JSON" in err
     # the real entry point, in a fresh interpreter: a model path that does not exist
     root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
