@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 import sample
 from checkpoint import save_clue
 from clue import CLUE, CLUEConfig, Sampling, StyleChoice, condition_annealing
 from schedulers import DDIMSampler
 from style_encoder import StyleConfig
 from test_clue import PROMPT, SMALL_UNET, make_image_folder
+from test_sample import one_line_error
 
 PROMPTS = ["a picture of vertical bars", "a picture of horizontal bars"]
 
@@ -219,25 +219,17 @@ def test_cli_style_guidance_and_condition_noise(ckpt):
     assert rec["settings"]["cads"] == {"cads_tau1": 0.3, "cads_tau2": 0.9, "cads_psi": 1.0}
 
 
-def _one_line_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        cli.run(sample.main, argv, "sample.py")
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("flag,value", [("--style-guidance", "nan"), ("--style-guidance", "inf"),
                                         ("--condition-noise", "-0.1"), ("--condition-noise", "nan"),
                                         ("--cads-tau1", "1.5"), ("--cads-tau2", "-1"), ("--cads-psi", "2")])
 def test_bad_flags_are_refused_at_parse_time(capsys, flag, value):
-    assert f"argument {flag}" in _one_line_error(capsys, ["--model", "unused", "--prompt", "x", flag, value])
+    assert f"argument {flag}" in one_line_error(capsys, ["--model", "unused", "--prompt", "x", flag, value])
 
 
 def test_contradictions_end_in_one_line(ckpt, capsys, tmp_path):
     base = ["--model", str(ckpt / "ckpt"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o")]
-    assert "--cads-tau1 0.9 must be below --cads-tau2 0.5" in _one_line_error(
+    assert "--cads-tau1 0.9 must be below --cads-tau2 0.5" in one_line_error(
         capsys, base + ["--condition-noise", "0.1", "--cads-tau1", "0.9", "--cads-tau2", "0.5"])
-    assert "give --condition-noise" in _one_line_error(capsys, base + ["--cads-psi", "0.5"])
-    assert "--style-guidance 2" in _one_line_error(capsys, base + ["--style", "none", "--style-guidance", "2"])
+    assert "give --condition-noise" in one_line_error(capsys, base + ["--cads-psi", "0.5"])
+    assert "--style-guidance 2" in one_line_error(capsys, base + ["--style", "none", "--style-guidance", "2"])
     assert os.path.isdir(ckpt / "ckpt")

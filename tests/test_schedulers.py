@@ -180,23 +180,26 @@ def check(label, err32, err64, ref_err, size):
     assert err32 <= ref_err + tol
 
 
+def strided_samplers(ours_cls, diffusers_sampler, prediction_type) -> tuple:
+    """Ours, diffusers' in float32 and in float64, each set to 20 strided steps."""
+    samplers = (ours_cls(NoiseSchedule(**SD, prediction_type=prediction_type)), diffusers_sampler(prediction_type),
+                diffusers_in_float64(diffusers_sampler(prediction_type)))
+    for s in samplers:
+        s.set_timesteps(20)
+    return samplers
+
+
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_steps_match_diffusers(prediction_type, eta):
-    ours = DDIMSampler(NoiseSchedule(**SD, prediction_type=prediction_type))
-    ref32, ref64 = diffusers_ddim(prediction_type), diffusers_in_float64(diffusers_ddim(prediction_type))
-    for s in (ours, ref32, ref64):
-        s.set_timesteps(20)
+    ours, ref32, ref64 = strided_samplers(DDIMSampler, diffusers_ddim, prediction_type)
     check(f"DDIM {prediction_type} eta={eta}",
           *run_trajectories(ours, ref32, ref64, ours.timesteps, prediction_type, eta=eta))
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 def test_ddpm_steps_match_diffusers(prediction_type, ddpm_noise_in_any_dtype):
-    ours = DDPMSampler(NoiseSchedule(**SD, prediction_type=prediction_type))
-    ref32, ref64 = diffusers_ddpm(prediction_type), diffusers_in_float64(diffusers_ddpm(prediction_type))
-    for s in (ours, ref32, ref64):
-        s.set_timesteps(20)
+    ours, ref32, ref64 = strided_samplers(DDPMSampler, diffusers_ddpm, prediction_type)
     check(f"DDPM {prediction_type} (strided, same generator seed)",
           *run_trajectories(ours, ref32, ref64, ours.timesteps, prediction_type))
 
