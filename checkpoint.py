@@ -297,11 +297,16 @@ def key_listing(title: str, items: list, limit: int = 12) -> str:
     return f"  {title} ({len(items)}):\n" + "".join(f"    {x}\n" for x in items[:limit]) + more
 
 
+def _shape_dtype(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
 def load_mapped(module: torch.nn.Module, mapped: list, unused: list, what: str, source,
                 keep_init=lambda name: False) -> None:
     """Load `mapped` [(source key, our key, tensor)] into `module`, or raise listing every problem: a parameter of
-    ours filled twice or not at all (unless keep_init(name)), a key that is no parameter of ours, a shape mismatch,
-    source keys neither used nor ignored (`unused`)."""
+    ours filled twice or not at all (unless keep_init(name)), a key that is no parameter of ours, a shape mismatch or
+    integers / booleans / complex numbers where ours are real (or the reverse), source keys neither used nor ignored
+    (`unused`). Any floating-point dtype is taken (fp16, bf16 files): it is cast to ours."""
     own = module.state_dict()
     filled, origin, twice, unknown, shapes, bad = {}, {}, [], [], [], set()
     for src, dst, t in mapped:
@@ -309,8 +314,8 @@ def load_mapped(module: torch.nn.Module, mapped: list, unused: list, what: str, 
             twice.append(f"{dst} <- {origin[dst]} and {src}")
         elif dst not in own:
             unknown.append(f"{src} -> {dst}")
-        elif t.shape != own[dst].shape:
-            shapes.append(f"{src}: {tuple(t.shape)} in the source, {tuple(own[dst].shape)} in our model")
+        elif t.shape != own[dst].shape or t.is_floating_point() != own[dst].is_floating_point() or t.is_complex():
+            shapes.append(f"{src}: {_shape_dtype(t)} in the source, {_shape_dtype(own[dst])} in our model")
             bad.add(dst)
         else:
             filled[dst], origin[dst] = t, src
@@ -318,7 +323,7 @@ def load_mapped(module: torch.nn.Module, mapped: list, unused: list, what: str, 
     if twice or unknown or shapes or missing or unused:
         raise CheckpointError(
             f"{source}: the {what} weights do not match our {type(module).__name__} built from the config:\n"
-            + (key_listing("shape mismatches", shapes) if shapes else "")
+            + (key_listing("shape or dtype mismatches", shapes) if shapes else "")
             + (key_listing("parameters of ours with no source key", missing) if missing else "")
             + (key_listing("source keys with no parameter of ours", unknown + unused) if unknown or unused else "")
             + (key_listing("parameters filled twice", twice) if twice else "")
@@ -502,13 +507,14 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
         keys = [f"style_posterior.{i}.{k}" for k in POSTERIOR_TENSORS]
         if lacking := [k for k in keys if k not in tensors]:
             raise CheckpointError(f"{weights}: the style posterior of class {name!r} lacks tensors {lacking}; {_REFIT}")
-        p = {k: tensors[key].float() for k, key in zip(POSTERIOR_TENSORS, keys)}
-        wrong = [k for k, t in p.items() if kd is None or t.shape[-2:] != kd or t.ndim != 2 + (k in stacks)]
+        p = {k: tensors[key] for k, key in zip(POSTERIOR_TENSORS, keys)}
+        wrong = [k for k, t in p.items() if kd is None or t.shape[-2:] != kd or t.ndim != 2 + (k in stacks)
+                 or not t.is_floating_point()]
         if wrong or counts[i] not in (None, len(p["mus"])):
-            raise CheckpointError(f"{weights}: the style posterior of class {name!r} has shapes "
-                                  f"{ {k: tuple(t.shape) for k, t in p.items()} } for {counts[i]} images; the model's "
-                                  f"styles (K, D): {kd or 'none (no style encoder)'}; {_REFIT}")
-        model.style_posterior[name] = {"prompt": prompts[i], **p}
+            raise CheckpointError(f"{weights}: the style posterior of class {name!r} has "
+                                  f"{ {k: _shape_dtype(t) for k, t in p.items()} } for {counts[i]} images; the "
+                                  f"model's styles (K, D): {kd or 'none (no style encoder)'}, real numbers; {_REFIT}")
+        model.style_posterior[name] = {"prompt": prompts[i], **{k: t.float() for k, t in p.items()}}
     model.train_config = train
     model.last_diagnostics = _checked(extra.get("diagnostics"), dict | None, f"{config_file} [diagnostics]")
     return model

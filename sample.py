@@ -253,7 +253,8 @@ class Drawer:
                                          progress=progress).float().cpu()
         if not images.isfinite().all():  # written, they would be black PNGs and exit 0
             raise UsageError(f"the model gave NaN / infinite pixels (--dtype {self.args.dtype}): fp16 overflows in "
-                             "some models, use --dtype bf16 or fp32; in fp32 its weights hold NaN / inf")
+                             "some models, use --dtype bf16 or fp32; in fp32 the checkpoint holds NaN / inf or broken "
+                             "values")
         return images
 
     def style(self, n: int, name) -> StyleChoice | None:

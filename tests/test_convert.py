@@ -290,8 +290,8 @@ def test_shapes_disagree_with_config(sd1_folder, tmp_path):
     msg = str(e.value)
     print(msg)
     assert "diffusion_pytorch_model.bin: the U-Net weights do not match" in msg
-    assert "conv_out.weight: (4, 32, 3, 3) in the source, (3, 32, 3, 3) in our model" in msg
-    assert "conv_out.bias: (4,) in the source, (3,) in our model" in msg
+    assert "conv_out.weight: (4, 32, 3, 3) float32 in the source, (3, 32, 3, 3) float32 in our model" in msg
+    assert "conv_out.bias: (4,) float32 in the source, (3,) float32 in our model" in msg
 
 
 @pytest.mark.parametrize("file,key,value,says", [  # each used to be a traceback, or written and then unloadable

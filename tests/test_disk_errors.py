@@ -148,43 +148,61 @@ def test_broken_config_is_named(clue_dir, tmp_path, capsys, case):
     assert not (tmp_path / "out" / "config.json").exists()
 
 
-def test_missing_posterior_tensors_are_named(clue_dir, tmp_path, capsys):
+def rewritten(clue_dir, tmp_path, edit) -> Path:
+    """A copy of the checkpoint whose model.safetensors holds edit(tensors)."""
     folder = shutil.copytree(clue_dir, tmp_path / "ckpt")
     config, tensors = read_checkpoint(folder)
     write_checkpoint(folder, "clue", {k: v for k, v in config.items() if k not in ("format", "version", "kind")},
-                     {k: v for k, v in tensors.items() if k != "style_posterior.0.psi"})
+                     edit(tensors))
+    return folder
+
+
+def test_missing_posterior_tensors_are_named(clue_dir, tmp_path, capsys):
+    folder = rewritten(clue_dir, tmp_path, lambda t: {k: v for k, v in t.items() if k != "style_posterior.0.psi"})
     with pytest.raises(CheckpointError, match=r"model.safetensors: the style posterior of class 'zero' lacks tensors "
                                               r"\['style_posterior.0.psi'\]; refit it"):
         load_clue(folder)
     assert "style_posterior.0.psi" in run_convert(capsys, folder, tmp_path / "out")
 
 
-@pytest.mark.parametrize("name, shape", [("mean", (3,)), ("psi", (1, 1)), ("factors", (2, 64)), ("mus", (3, 2, 9))])
-def test_posterior_tensors_of_other_shapes_are_named(clue_dir, tmp_path, capsys, name, shape):
-    """Shapes that are not the style encoder's (K, D) styles: sampling would end in a torch error or broadcast them."""
-    folder = shutil.copytree(clue_dir, tmp_path / "ckpt")
-    config, tensors = read_checkpoint(folder)
-    write_checkpoint(folder, "clue", {k: v for k, v in config.items() if k not in ("format", "version", "kind")},
-                     {**tensors, f"style_posterior.0.{name}": torch.ones(shape)})
-    with pytest.raises(CheckpointError, match=rf"model.safetensors: the style posterior of class 'zero' has shapes "
-                                              rf".*'{name}': {re.escape(str(shape))}.*; the model's styles \(K, D\): "
-                                              r"\(\d+, \d+\); refit it"):
+@pytest.mark.parametrize("name, make", [("mean", lambda k, d: torch.ones(3)), ("psi", lambda k, d: torch.ones(1, 1)),
+                                        ("factors", lambda k, d: torch.ones(2, 64)),
+                                        ("mus", lambda k, d: torch.ones(3, 2, 9)),
+                                        ("mean", lambda k, d: torch.ones(k, d, dtype=torch.int64))])
+def test_posterior_tensors_of_other_shapes_are_named(clue_dir, tmp_path, capsys, name, make):
+    """Not the style encoder's (K, D) styles in real numbers: sampling would end in a torch error, broadcast them or
+    round them."""
+    k, d = read_checkpoint(clue_dir)[1]["style_posterior.0.mean"].shape
+    folder = rewritten(clue_dir, tmp_path, lambda tensors: {**tensors, f"style_posterior.0.{name}": make(k, d)})
+    t = make(k, d)
+    found = re.escape(f"'{name}': '{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}'")
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: the style posterior of class 'zero' has .*{found}"
+                                              rf".*; the model's styles \(K, D\): \({k}, {d}\), real numbers; refit"):
         load_clue(folder)
     assert "refit it" in run_convert(capsys, folder, tmp_path / "out")
 
 
+def test_weights_of_integers_are_refused_halves_taken(clue_dir, tmp_path):
+    """An integer (or boolean) tensor where our parameter is real would be rounded into it; fp16 / bf16 are cast."""
+    weights = read_checkpoint(clue_dir)[1]["unet.conv_out.weight"]
+    folder = rewritten(clue_dir, tmp_path, lambda t: {**t, "unet.conv_out.weight": weights.to(torch.int64)})
+    with pytest.raises(CheckpointError, match=r"(?s)shape or dtype mismatches.*conv_out.weight: \(.*\) int64 in "
+                                              r"the source, \(.*\) float32 in our model"):
+        load_clue(folder)
+    shutil.rmtree(folder)
+    folder = rewritten(clue_dir, tmp_path, lambda t: {**t, "unet.conv_out.weight": weights.to(torch.bfloat16)})
+    assert torch.equal(load_clue(folder).unet.conv_out.weight, weights.to(torch.bfloat16).float())
+
+
 def test_posterior_counts_must_match_its_tensors(clue_dir, tmp_path):
     folder = edited(clue_dir, tmp_path, set_in("style_posterior", "counts", [4]))  # the tensors hold 3 images
-    with pytest.raises(CheckpointError, match=r"style posterior of class 'zero' has shapes .* for 4 images"):
+    with pytest.raises(CheckpointError, match=r"style posterior of class 'zero' has .* for 4 images"):
         load_clue(folder)
 
 
 def test_stored_style_layers_must_be_in_the_file(clue_dir, tmp_path):
     """The config says the U-Net has style layers: the audit does not let them keep their initialisation."""
-    folder = shutil.copytree(clue_dir, tmp_path / "ckpt")
-    config, tensors = read_checkpoint(folder)
-    write_checkpoint(folder, "clue", {k: v for k, v in config.items() if k not in ("format", "version", "kind")},
-                     {k: v for k, v in tensors.items() if "attn_style.to_q" not in k})
+    folder = rewritten(clue_dir, tmp_path, lambda t: {k: v for k, v in t.items() if "attn_style.to_q" not in k})
     with pytest.raises(CheckpointError, match=r"(?s)model.safetensors: the U-Net \(unet.\*\) weights do not match.*"
                                               r"parameters of ours with no source key.*attn_style.to_q.weight"):
         load_clue(folder)
