@@ -165,21 +165,68 @@ def read_checkpoint(folder, kind: str | tuple | None = None, json_name: str = "c
 _STATE = {"step": int, "world_size": int, "optimizer": dict, "lr_schedule": dict, "grad_scaler": dict | None,
           "ema_updates": int | None, "data_position": dict, "rng": list[dict], "args": dict}
 _POSITION = {"epoch": int, "batches_taken": int, "batch_size": int}
+_GROUP = {"params": list[int], "lr": float, "betas": list[float], "eps": float, "weight_decay": float}  # AdamW's
+_LR_SCHEDULE = {"base_lrs": list[float], "last_epoch": int, "lr_lambdas": list}  # LambdaLR's
+_SCALER = {"scale": float, "growth_factor": float, "backoff_factor": float, "growth_interval": int}  # GradScaler's
 
 
 def read_training_state(folder, json_name: str, tensors_name: str) -> tuple[dict, dict]:
-    """read_checkpoint of a training state (kind "training_state"), every key train.py's resume reads there and of
-    its type."""
+    """read_checkpoint of a training state (kind "training_state"): every key train.py's resume reads there, of its
+    type and range, and the tensors that fit them (training_state_problems)."""
     config, tensors = read_checkpoint(folder, "training_state", json_name, tensors_name)
     config_file = Path(folder) / json_name
-    for d, hints, where in ((config, _STATE, config_file), (config.get("data_position"), _POSITION,
-                                                            f"{config_file} data_position")):
+
+    def check(d: dict, hints: dict, where: str) -> None:
         if lacking := [k for k in hints if k not in d]:
             raise CheckpointError(f"{where}: missing {lacking}; not a training state train.py wrote")
         _fields({k: d[k] for k in hints}, hints, where, "training state")
-    if len(config["rng"]) != config["world_size"]:
-        raise CheckpointError(f"{config_file}: {len(config['rng'])} RNG states, {config['world_size']} processes")
+
+    check(config, _STATE, config_file)  # (each check makes the objects the next one opens dicts)
+    check(config["data_position"], _POSITION, f"{config_file} data_position")
+    check(config["optimizer"], {"param_groups": list[dict]}, f"{config_file} optimizer")
+    for i, group in enumerate(config["optimizer"]["param_groups"]):
+        check(group, _GROUP, f"{config_file} optimizer param_groups[{i}]")
+    check(config["lr_schedule"], _LR_SCHEDULE, f"{config_file} lr_schedule")
+    if config["grad_scaler"]:
+        check(config["grad_scaler"], _SCALER, f"{config_file} grad_scaler")
+    for r, meta in enumerate(config["rng"]):
+        check(meta, {"numpy": list, "python": list}, f"{config_file} rng[{r}]")
+    _check_ranges({**{k: config[k] for k in ("step", "world_size", "ema_updates")},
+                   **{k: config["data_position"][k] for k in _POSITION}}, config_file, "training state")
+    if re.fullmatch(r"step_\d+", name := Path(folder).name) and int(name[5:]) != config["step"]:
+        raise CheckpointError(f"{config_file}: step {config['step']} in the folder of step {int(name[5:])}")
+    if problems := training_state_problems(config, tensors):
+        raise CheckpointError(f"{Path(folder) / tensors_name}: {', '.join(problems[:4])}{' ...' * (len(problems) > 4)}"
+                              f" do not fit {json_name} or each other; not the training state train.py wrote")
     return config, tensors
+
+
+def training_state_problems(config: dict, tensors: dict) -> list[str]:
+    """The tensors of a training state against each other and its JSON: per trained parameter n, param.n, its AdamW
+    moments optim.n.exp_avg / exp_avg_sq (n's shape) and step count optim.n.step (one number), ema.n (n's shape)
+    while EMA runs, all real numbers; the param groups hold each parameter once; per process r, rng.r.torch (bytes),
+    rng.r.numpy (624 words), rng.r.python (625) and their JSON."""
+    def shape(key):
+        return tensors[key].shape if key in tensors else None
+    params = {k[len("param."):]: t for k, t in tensors.items() if k.startswith("param.")}
+    trained = [k for k in tensors if k.split(".")[0] in ("param", "optim", "ema")]
+    problems = [k for k in trained if not tensors[k].is_floating_point()]
+    for n in {k[len("optim."):].rpartition(".")[0] for k in tensors if k.startswith("optim.")}:
+        adamw = [shape(f"optim.{n}.{k}") for k in ("exp_avg", "exp_avg_sq", "step")]
+        if n not in params or adamw != [params[n].shape, params[n].shape, torch.Size([])]:
+            problems.append(f"optim.{n}.*")
+    if config["ema_updates"] is not None:
+        problems += [f"ema.{n}" for n, p in params.items() if shape(f"ema.{n}") != p.shape]
+    if sorted(i for g in config["optimizer"]["param_groups"] for i in g["params"]) != list(range(len(params))):
+        problems.append(f"the param groups' indices (for {len(params)} parameters)")
+    for r, meta in enumerate(config["rng"]):
+        for k, dtype, size in (("torch", torch.uint8, None), ("numpy", torch.int64, 624), ("python", torch.int64, 625)):
+            t = tensors.get(f"rng.{r}.{k}")
+            if t is None or t.dtype != dtype or t.ndim != 1 or len(t) != (size or len(t)):
+                problems.append(f"rng.{r}.{k}")
+        if meta["numpy"][:1] != ["MT19937"] or len(meta["numpy"]) != 4 or len(meta["python"]) != 2:
+            problems.append(f"rng[{r}] in the JSON")
+    return problems
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
@@ -210,7 +257,8 @@ def _fields(d, hints: dict, where: str, what: str) -> dict:
     return {k: _checked(v, hints[k], f"{where} {k}") for k, v in d.items()}
 
 
-_AT_LEAST_ZERO = {"beta", "beta_warmup_steps", "gamma", "capacity", "capacity_ramp_steps", "mmd_weight"}
+_AT_LEAST_ZERO = {"beta", "beta_warmup_steps", "gamma", "capacity", "capacity_ramp_steps", "mmd_weight",
+                  "step", "ema_updates", "epoch", "batches_taken"}  # (the last: a training state's counters)
 _FRACTIONS = {"text_dropout", "style_dropout"}  # probabilities
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import checkpoint
 import train
@@ -101,6 +101,15 @@ def edit_json(f, drop=(), **changes):
     f.write_text(json.dumps({k: v for k, v in obj.items() if k not in drop}))
 
 
+def edit_tensors(f, edit):
+    """Rewrite safetensors file f as edit(its tensors)."""
+    save_file(edit(load_file(str(f))), str(f))
+
+
+def first(tensors: dict, suffix: str) -> str:
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
 CORRUPTIONS = {"training_state.safetensors": truncate, "model.safetensors": truncate,
                "training_state.json": lambda f: f.write_text('{"format": "clue-pytorch", "step": '),
                "config.json": lambda f: f.write_text("{not json")}
@@ -109,6 +118,17 @@ CORRUPTIONS.update({  # valid JSON, but not what resuming reads (each used to en
     "training_state.json (step a string)": lambda f: edit_json(f, step="4"),
     "training_state.json (no epoch)": lambda f: edit_json(f, data_position={"batches_taken": 1, "batch_size": 8}),
     "training_state.json (rng of 2 processes)": lambda f: edit_json(f, rng=[{}, {}])})
+CORRUPTIONS.update({  # tensors or settings that do not fit each other (tracebacks at the first step, or rounded)
+    "training_state.safetensors (a moment of another shape)":
+        lambda f: edit_tensors(f, lambda t: {**t, first(t, ".exp_avg"): torch.zeros(3)}),
+    "training_state.safetensors (integer weights)":
+        lambda f: edit_tensors(f, lambda t: {**t, (k := first(t, ".weight")): t[k].long()}),
+    "training_state.safetensors (no numpy RNG)": lambda f: edit_tensors(f, lambda t: {
+        k: v for k, v in t.items() if k != "rng.0.numpy"}),
+    "training_state.json (the step of another folder)": lambda f: edit_json(f, step=2),
+    "training_state.json (two param groups)": lambda f: edit_json(f, optimizer={"param_groups": 2 * json.loads(
+        f.read_text())["optimizer"]["param_groups"]}),
+    "training_state.json (lr_schedule empty)": lambda f: edit_json(f, lr_schedule={})})
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
