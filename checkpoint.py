@@ -543,29 +543,37 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
     with naming_errors(config_file):
         model = CLUE(sd.vae, sd.text_encoder, sd.unet, style_encoder, sd.schedule, clue_cfg, sd.sampler_config)
         model.kl_weight(0)  # refuses a kl_mode training would stop at
-    post = _fields(extra.get("style_posterior") or {}, _POSTERIOR, f"{config_file} [style_posterior]", "posterior")
+    model.style_posterior = read_style_posterior(extra.get("style_posterior") or {}, tensors, style_encoder,
+                                                 config_file, weights)
+    model.train_config = train
+    model.last_diagnostics = _checked(extra.get("diagnostics"), dict | None, f"{config_file} [diagnostics]")
+    return model
+
+
+def read_style_posterior(section: dict, tensors: dict, style_encoder, config_file, weights) -> dict:
+    """save_clue's style posterior -> {class: {"prompt", *POSTERIOR_TENSORS}}, each class's tensors checked against
+    the style encoder's (K, D) styles: mean, var, psi (K, D); factors (r, K, D); mus (N, K, D), N its count."""
+    post = _fields(section, _POSTERIOR, f"{config_file} [style_posterior]", "posterior")
     classes, prompts = post.get("classes", ()), post.get("prompts", ())
-    counts = post.get("counts", [None] * len(classes))  # (mus rows per class)
+    counts = post.get("counts", [None] * len(classes))
     if not len(classes) == len(prompts) == len(counts):
         raise CheckpointError(f"{config_file} [style_posterior]: {len(classes)} classes, {len(prompts)} prompts, "
                               f"{len(counts)} counts")
     kd = (style_encoder.cfg.tokens, style_encoder.cfg.context_dim) if style_encoder is not None else None
-    stacks = ("factors", "mus")  # (r, K, D) and (N, K, D); mean, var, psi are (K, D)
+    posterior = {}
     for i, name in enumerate(classes):
         keys = [f"style_posterior.{i}.{k}" for k in POSTERIOR_TENSORS]
         if lacking := [k for k in keys if k not in tensors]:
             raise CheckpointError(f"{weights}: the style posterior of class {name!r} lacks tensors {lacking}; {_REFIT}")
         p = {k: tensors[key] for k, key in zip(POSTERIOR_TENSORS, keys)}
-        wrong = [k for k, t in p.items() if kd is None or t.shape[-2:] != kd or t.ndim != 2 + (k in stacks)
-                 or not t.is_floating_point()]
+        wrong = [k for k, t in p.items() if kd is None or t.shape[-2:] != kd or not t.is_floating_point()
+                 or t.ndim != (3 if k in ("factors", "mus") else 2)]
         if wrong or counts[i] not in (None, len(p["mus"])):
             raise CheckpointError(f"{weights}: the style posterior of class {name!r} has "
                                   f"{ {k: _shape_dtype(t) for k, t in p.items()} } for {counts[i]} images; the "
                                   f"model's styles (K, D): {kd or 'none (no style encoder)'}, real numbers; {_REFIT}")
-        model.style_posterior[name] = {"prompt": prompts[i], **{k: t.float() for k, t in p.items()}}
-    model.train_config = train
-    model.last_diagnostics = _checked(extra.get("diagnostics"), dict | None, f"{config_file} [diagnostics]")
-    return model
+        posterior[name] = {"prompt": prompts[i], **{k: t.float() for k, t in p.items()}}
+    return posterior
 
 
 def load_clue(path, device="cpu") -> CLUE:
