@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
-from checkpoint import CheckpointError, read_state_dict
+from checkpoint import load_mapped, read_state_dict
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
@@ -125,7 +125,8 @@ class FIDInceptionV3(nn.Module):
 
 def load_fid_inception(path):
     """Build the FID Inception network and fill it from pytorch-fid's weight file at `path` (read by the disk
-    layer, checkpoint.read_state_dict: torch.load with weights_only=True; a broken file is a CheckpointError)."""
+    layer: checkpoint.read_state_dict, torch.load with weights_only=True, then the audit; a broken file is a
+    CheckpointError)."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
             f"Inception weights not found at {path!r}. FID needs pytorch-fid's port of the TensorFlow "
@@ -133,12 +134,8 @@ def load_fid_inception(path):
             f"machine with internet access from\n  {FID_WEIGHTS_URL}\nand pass it with "
             f"--inception-weights PATH (or use --features classifier --classifier DIR instead).")
     # the 1008-way classifier is not part of the pool3 feature network
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     model = FIDInceptionV3()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a counter, not a weight
-    if missing or unexpected:
-        more = lambda keys: f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"  # noqa: E731
-        raise CheckpointError(f"{path} does not look like pytorch-fid's {FID_WEIGHTS_NAME}: missing keys "
-                              f"{more(missing)}, unexpected keys {more(unexpected)}")
+    load_mapped(model, [(k, k, t) for k, t in read_state_dict(path).items() if not k.startswith("fc.")], [],
+                f"FID Inception (pytorch-fid's {FID_WEIGHTS_NAME})", path,
+                keep_init=lambda name: name.endswith("num_batches_tracked"))  # a BatchNorm counter, not a weight
     return model.eval().requires_grad_(False)
