@@ -552,7 +552,8 @@ def as_clue(sd: StableDiffusion, folder) -> CLUE:
 
 def read_style_posterior(section: dict, tensors: dict, style_encoder, config_file, weights) -> dict:
     """save_clue's style posterior -> {class: {"prompt", *POSTERIOR_TENSORS}}, each class's tensors checked against
-    the style encoder's (K, D) styles: mean, var, psi (K, D); factors (r, K, D); mus (N, K, D), N its count."""
+    the style encoder's (K, D) styles: mean, var, psi (K, D); factors (r, K, D); mus (N, K, D), N its count; finite,
+    the variances var and psi >= 0."""
     post = _fields(section, _POSTERIOR, f"{config_file} [style_posterior]", "posterior")
     classes, prompts = post.get("classes", ()), post.get("prompts", ())
     counts = post.get("counts", [None] * len(classes))
@@ -567,11 +568,13 @@ def read_style_posterior(section: dict, tensors: dict, style_encoder, config_fil
             raise CheckpointError(f"{weights}: the style posterior of class {name!r} lacks tensors {lacking}; {_REFIT}")
         p = {k: tensors[key] for k, key in zip(POSTERIOR_TENSORS, keys)}
         wrong = [k for k, t in p.items() if kd is None or t.shape[-2:] != kd or not t.is_floating_point()
-                 or t.ndim != (3 if k in ("factors", "mus") else 2)]
+                 or t.ndim != (3 if k in ("factors", "mus") else 2) or not t.isfinite().all()
+                 or (k in ("var", "psi") and (t < 0).any())]  # (variances)
         if wrong or counts[i] not in (None, len(p["mus"])):
             raise CheckpointError(f"{weights}: the style posterior of class {name!r} has "
-                                  f"{ {k: _shape_dtype(t) for k, t in p.items()} } for {counts[i]} images; the "
-                                  f"model's styles (K, D): {kd or 'none (no style encoder)'}, real numbers; {_REFIT}")
+                                  f"{ {k: _shape_dtype(t) for k, t in p.items()} } for {counts[i]} images (wrong: "
+                                  f"{wrong}); the model's styles (K, D): {kd or 'none (no style encoder)'}, finite "
+                                  f"real numbers, var and psi >= 0; {_REFIT}")
         posterior[name] = {"prompt": prompts[i], **{k: t.float() for k, t in p.items()}}
     return posterior
 

@@ -168,7 +168,9 @@ def test_missing_posterior_tensors_are_named(clue_dir, tmp_path, capsys):
 @pytest.mark.parametrize("name, make", [("mean", lambda k, d: torch.ones(3)), ("psi", lambda k, d: torch.ones(1, 1)),
                                         ("factors", lambda k, d: torch.ones(2, 64)),
                                         ("mus", lambda k, d: torch.ones(3, 2, 9)),
-                                        ("mean", lambda k, d: torch.ones(k, d, dtype=torch.int64))])
+                                        ("mean", lambda k, d: torch.ones(k, d, dtype=torch.int64)),
+                                        ("psi", lambda k, d: -torch.ones(k, d)),
+                                        ("mus", lambda k, d: torch.full((3, k, d), float("nan")))])
 def test_posterior_tensors_of_other_shapes_are_named(clue_dir, tmp_path, capsys, name, make):
     """Not the style encoder's (K, D) styles in real numbers: sampling would end in a torch error, broadcast them or
     round them."""
@@ -177,7 +179,8 @@ def test_posterior_tensors_of_other_shapes_are_named(clue_dir, tmp_path, capsys,
     t = make(k, d)
     found = re.escape(f"'{name}': '{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}'")
     with pytest.raises(CheckpointError, match=rf"model.safetensors: the style posterior of class 'zero' has .*{found}"
-                                              rf".*; the model's styles \(K, D\): \({k}, {d}\), real numbers; refit"):
+                                              rf".* \(wrong: \['{name}'\]\); the model's styles \(K, D\): "
+                                              rf"\({k}, {d}\), finite real numbers, var and psi >= 0; refit"):
         load_clue(folder)
     assert "refit it" in run_convert(capsys, folder, tmp_path / "out")
 
