@@ -586,6 +586,16 @@ def load_clue(path, device="cpu") -> CLUE:
     return as_clue(load_sd_folder(path), path).to(device).eval()
 
 
+def read_features(folder) -> tuple[torch.Tensor, list[str]]:
+    """eval.py's feature cache (kind "features": "files" relative paths, tensor "features" (N, D)) -> (features,
+    files), checked to fit each other."""
+    config, tensors = read_checkpoint(folder, "features")
+    files = _checked(config.get("files"), list[str], f"{folder} config.json files")
+    if (f := tensors.get("features")) is None or f.ndim != 2 or len(f) != len(files) or not f.is_floating_point():
+        raise CheckpointError(f"{folder}: features {None if f is None else _shape_dtype(f)} for {len(files)} files")
+    return f, files
+
+
 def save_vae(vae: VAE, folder, info: dict) -> None:
     """The tiny VAE phase's folder (kind "vae"): its config, scale factor and `info` (steps, seconds, L1), vae.*."""
     write_checkpoint(folder, "vae", {"vae": asdict(vae.cfg), "scale_factor": vae.cfg.scale_factor, "train": info},

@@ -34,7 +34,7 @@ from sklearn.metrics.pairwise import euclidean_distances
 from tqdm.auto import tqdm
 
 import classifier as clf
-from checkpoint import CheckpointError, atomic_write_json, read_checkpoint, write_checkpoint
+from checkpoint import CheckpointError, atomic_write_json, read_features, write_checkpoint
 from cli import (UsageError, comma_list, non_negative_int, output_folder, positive_float, positive_int, run,
                  torch_device)
 from data import DIGITS_ARGS, IMAGE_EXTENSIONS, DataError, cache_root, list_images, load_image, resolve_data, to_rgb
@@ -99,10 +99,10 @@ def extract_features(folder, extractor, cache_dir=None, batch_size=50, progress=
     cached = os.path.join(cache_dir, f"{extractor.name}-{key}") if cache_dir else None
     if cached and os.path.isdir(cached):
         try:
-            config, tensors = read_checkpoint(cached, "features")
-            print(f"features of {folder}: {len(config['files'])} images, from the cache {cached}", file=sys.stderr)
-            return tensors["features"].numpy(), [os.path.join(folder, r) for r in config["files"]]
-        except (CheckpointError, FileNotFoundError, KeyError) as e:  # a broken cache entry: extract again
+            features, names = read_features(cached)
+            print(f"features of {folder}: {len(names)} images, from the cache {cached}", file=sys.stderr)
+            return features.numpy(), [os.path.join(folder, r) for r in names]
+        except (CheckpointError, FileNotFoundError) as e:  # a broken cache entry: extract again
             warnings.warn(f"ignoring the feature cache {cached}: {e}")
 
     def readable():  # (path, image tensor) of every file the extractor can read

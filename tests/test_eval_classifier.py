@@ -159,6 +159,15 @@ def test_metrics_command_with_classifier_features(tmp_path, capsys):
     # second run: every folder's features come from the cache, and give the same numbers
     res2 = ev.main(args)
     assert capsys.readouterr().err.count("from the cache") == 3 and res2["fid"] == res["fid"]
+    # broken cache entries ("files" not a list; fewer names than features) are extracted again, with a warning
+    for entry, files in zip(sorted(os.listdir(cache)), (5, ["one.png"])):
+        config_file = os.path.join(cache, entry, "config.json")
+        config = json.load(open(config_file))
+        json.dump({**config, "files": files}, open(config_file, "w"))
+    with pytest.warns(UserWarning, match=r"ignoring the feature cache .*(files: expected a list|features \(\d+, 32\) "
+                                         r"float32 for 1 files)"):
+        assert ev.main(args)["fid"] == res["fid"]
+    assert capsys.readouterr().err.count("from the cache") == 1
     # a folder against itself: FID ~ 0, precision = recall = coverage = 1, everything "memorised"
     self_res = ev.main(["metrics", "--real", real, "--fake", real, "--train", real, "--features", "classifier",
                         "--classifier", ckpt, "--no-cache", "--out", str(tmp_path / "self"), "--quiet"])
