@@ -193,6 +193,8 @@ def read_training_state(folder, json_name: str, tensors_name: str) -> tuple[dict
         check(meta, {"numpy": list, "python": list}, f"{config_file} rng[{r}]")
     _check_ranges({**{k: config[k] for k in ("step", "world_size", "ema_updates")},
                    **{k: config["data_position"][k] for k in _POSITION}}, config_file, "training state")
+    if len(config["rng"]) != config["world_size"]:
+        raise CheckpointError(f"{config_file}: {len(config['rng'])} RNG states, {config['world_size']} processes")
     if re.fullmatch(r"step_\d+", name := Path(folder).name) and int(name[5:]) != config["step"]:
         raise CheckpointError(f"{config_file}: step {config['step']} in the folder of step {int(name[5:])}")
     if problems := training_state_problems(config, tensors):

@@ -117,7 +117,7 @@ CORRUPTIONS.update({  # valid JSON, but not what resuming reads (each used to en
     "training_state.json (no optimizer)": lambda f: edit_json(f, drop=["optimizer"]),
     "training_state.json (step a string)": lambda f: edit_json(f, step="4"),
     "training_state.json (no epoch)": lambda f: edit_json(f, data_position={"batches_taken": 1, "batch_size": 8}),
-    "training_state.json (rng of 2 processes)": lambda f: edit_json(f, rng=[{}, {}])})
+    "training_state.json (rng of 2 processes)": lambda f: edit_json(f, rng=2 * json.loads(f.read_text())["rng"])})
 CORRUPTIONS.update({  # tensors or settings that do not fit each other (tracebacks at the first step, or rounded)
     "training_state.safetensors (a moment of another shape)":
         lambda f: edit_tensors(f, lambda t: {**t, first(t, ".exp_avg"): torch.zeros(3)}),
