@@ -103,7 +103,7 @@ def extract_features(folder, extractor, cache_dir=None, batch_size=50, progress=
             print(f"features of {folder}: {len(names)} images, from the cache {cached}", file=sys.stderr)
             return features.numpy(), [os.path.join(folder, r) for r in names]
         except (CheckpointError, FileNotFoundError) as e:  # a broken cache entry: extract again
-            warnings.warn(f"ignoring the feature cache {cached}: {e}")
+            warnings.warn(f"ignoring a broken feature cache entry, extracting again: {e}")  # (e names it)
 
     def readable():  # (path, image tensor) of every file the extractor can read
         for path in tqdm(files, desc=f"{extractor.name} features of {folder}", disable=not progress):
