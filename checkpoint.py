@@ -385,8 +385,7 @@ def build_stable_diffusion(cfgs: tuple, weights, schedule: NoiseSchedule, where,
     """U-Net, VAE and text encoder built from `cfgs` (in this order: the RNG draws of their initialisation), each
     filled through the audit from `weights`, per module (mapped, unused, what, source file, keep_init) (a list or
     a generator that reads each part only when its module is built). `fields` from any file meet our format's checks."""
-    top = _fields({k: fields[k] for k in ("scale_factor", "image_size")}, _TOP, where, "top-level")
-    _check_ranges(top, where, "top-level")
+    top = _top_level(fields, ("scale_factor", "image_size"), where)
     sampler = _fields(fields["sampler_config"], _SAMPLER, f"{where} [sampler]", "sampler")
     offset = sampler.get("steps_offset", SD_SAMPLER["steps_offset"])  # (a partial sampler section: SD's default)
     if not 0 <= offset < schedule.num_train_timesteps:
@@ -413,6 +412,13 @@ _POSTERIOR = {"classes": tuple[str, ...], "prompts": tuple[str, ...], "counts": 
 _SD_KEYS = {"format", "version", "kind", "unet", "vae", "text", "schedule", "sampler", "lora", *_TOP}  # the rest: extra
 
 
+def _top_level(config: dict, keys, where) -> dict:
+    """The top-level values `keys` of a config (those it has), each of its _TOP type and in range."""
+    top = _fields({k: config[k] for k in keys if k in config}, _TOP, where, "top-level")
+    _check_ranges(top, where, "top-level")
+    return top
+
+
 def load_sd_folder(folder, prediction_type: str | None = None, style: bool | None = None, load_base=None,
                    merge: bool = True) -> StableDiffusion:
     """Our folder -> StableDiffusion, what is beyond SD in extra_config / extra_tensors. `style`: None = the U-Net as
@@ -429,7 +435,7 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
                                  for cls, k in ((UNetConfig, "unet"), (VAEConfig, "vae"), (TextConfig, "text")))
     unet_cfg = stored if style is None else dataclasses.replace(stored, style=style)
     schedule = _fields(config["schedule"], _SCHEDULE, f"{where} [schedule]", "schedule")
-    top = _fields({k: config[k] for k in _TOP if k in config}, _TOP, where, "top-level")
+    top = _top_level(config, _TOP, where)  # (checked here too: an image_size of 0 would fall back to the clue one)
     sampler = _fields(config.get("sampler") or SD_SAMPLER, _SAMPLER, f"{where} [sampler]", "sampler")
     if None not in (types := (top.get("prediction_type"), schedule.get("prediction_type"))) and len(set(types)) > 1:
         raise CheckpointError(f"{where}: prediction_type {types[0]!r} but [schedule] prediction_type {types[1]!r}; "
@@ -438,7 +444,6 @@ def load_sd_folder(folder, prediction_type: str | None = None, style: bool | Non
     with naming_errors(where):
         schedule = NoiseSchedule(**{**schedule, "prediction_type": prediction_type})
     clue_size = config["clue"].get("image_size") if isinstance(config.get("clue"), dict) else None  # as_clue checks
-    _check_ranges(top, where, "top-level")  # (an image_size of 0 would fall back to the clue one)
     image_size = top.get("image_size") or (clue_size if type(clue_size) is int else None)
     parts: dict[str, dict] = {}  # {"unet": {name: tensor}, "vae": ..., "style_encoder": ...}
     for k, v in tensors.items():
@@ -613,7 +618,6 @@ def load_vae(path) -> VAE:
     with naming_errors(f"{path} [vae]"):
         vae = VAE(config_from_dict(VAEConfig, config["vae"], f"{path} [vae]"))
     load_mapped(vae, [(k, k[4:], v) for k, v in tensors.items() if k.startswith("vae.")], [], "VAE (vae.*)", path)
-    top = _fields({k: config[k] for k in ("scale_factor",) if k in config}, {"scale_factor": float}, path, "top-level")
-    _check_ranges(top, path, "top-level")
+    top = _top_level(config, ("scale_factor",), path)
     vae.cfg.scale_factor = float(top.get("scale_factor", vae.cfg.scale_factor))
     return vae
